@@ -63,7 +63,9 @@ class CausalLMModule(L.LightningModule):
         adapter_dir: Where the final adapter is exported in PEFT format at the end of fit; null
             puts it in ``<checkpoint dir>/adapter`` (or ``<log dir>/adapter``).
         init_adapter: A PEFT adapter folder to start from instead of a fresh LoRA (e.g. to
-            continue training an exported adapter).
+            continue training an exported adapter, or to evaluate one with ``test``).
+        results_dir: Where ``test`` writes ``results.json`` (per-task n, acc, acc_norm, 95% CIs,
+            averages, provenance) and ``predictions.jsonl`` (one line per item).
     """
 
     def __init__(
@@ -73,11 +75,13 @@ class CausalLMModule(L.LightningModule):
         optim: OptimConfig = OptimConfig(),
         adapter_dir: Optional[str] = None,
         init_adapter: Optional[str] = None,
+        results_dir: str = "results/run",
     ):
         super().__init__()
         # Plain dicts, not dataclasses: checkpoints then load with torch.load(weights_only=True).
         self.save_hyperparameters({"model": asdict(model), "lora": asdict(lora) if lora else None,
-                                   "optim": asdict(optim), "adapter_dir": adapter_dir, "init_adapter": init_adapter})
+                                   "optim": asdict(optim), "adapter_dir": adapter_dir, "init_adapter": init_adapter,
+                                   "results_dir": results_dir})
         self.model_cfg, self.lora_cfg, self.optim_cfg = model, lora, optim
         self.tokenizer = load_tokenizer(model)
         self.model = None
@@ -93,11 +97,12 @@ class CausalLMModule(L.LightningModule):
         if self.model is not None:
             return
         lora = None if self.init_adapter_path else self.lora_cfg
-        self.model = load_model(self.model_cfg, lora, training=True)
+        training = self._trainer is None or self.trainer.state.fn in ("fit", None)
+        self.model = load_model(self.model_cfg, lora, training=training)
         if self.init_adapter_path:
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.model, self.init_adapter_path, is_trainable=True)
+            self.model = PeftModel.from_pretrained(self.model, self.init_adapter_path, is_trainable=training)
         if self.lora_cfg is not None and rank_zero():
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in self.model.parameters())
@@ -182,6 +187,45 @@ class CausalLMModule(L.LightningModule):
         loss_sum, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         if tokens:
             self.log("val/loss", loss_sum / tokens, prog_bar=True, rank_zero_only=True)
+
+    # ---- test: leaderboard benchmarks -------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._test_records: list[dict] = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        from medadapt.eval.scoring import decide, forward_rows, score_rows
+
+        items = self.trainer.datamodule.items
+        for index, per_choice in score_rows(forward_rows(self.model, batch), batch["rows"]).items():
+            item = items[index]
+            lls = [per_choice[c][0] for c in range(len(item.choices))]
+            self._test_records.append({"task": item.task, "id": item.id, "gold": item.gold, "loglikelihoods": lls,
+                                       "is_greedy": [per_choice[c][1] for c in range(len(item.choices))],
+                                       **decide(item, lls), **item.extra})
+
+    def on_test_epoch_end(self) -> None:
+        from medadapt.eval.report import fingerprint, summarize, write_results
+
+        records = self._test_records
+        if self.trainer.world_size > 1:
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        keys = [(r["task"], r["id"]) for r in records]
+        if len(set(keys)) != len(keys):
+            raise RuntimeError("an item was scored twice; the test sampler must not pad")
+        summary = summarize(records)
+        for task, m in summary["tasks"].items():
+            self.log_dict({f"test/{task}/acc": m["acc"], f"test/{task}/acc_norm": m["acc_norm"]}, rank_zero_only=True)
+        self.log("test/macro_avg_acc", summary["macro_avg_acc"], rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            dm = self.trainer.datamodule
+            meta = {"model": self.hparams.model, "lora": self.hparams.lora, "adapter": self.init_adapter_path,
+                    "ckpt_path": self.trainer.ckpt_path, "data": dict(dm.hparams),
+                    "data_fingerprint": fingerprint(dm.items)}
+            path = write_results(self.hparams.results_dir, summary, records, meta)
+            log.info("results: %s (macro acc %.4f over %d items)", path, summary["macro_avg_acc"], summary["n"])
+        self.test_summary = summary
 
     # ---- optimizer ---------------------------------------------------------------------------------
     def configure_optimizers(self):

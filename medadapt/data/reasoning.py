@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from medadapt.data.packing import IGNORE_INDEX, Example, collate, pack
-from medadapt.data.sources import MalformedRowError, describe_source, load_rows
+from medadapt.data.sources import MalformedRowError, describe_source, load_rows, tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,7 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def get_tokenizer(self):
         if self.tokenizer is None:
-            module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
-            if self.tokenizer_name is None and getattr(module, "tokenizer", None) is not None:
-                self.tokenizer = module.tokenizer
-            elif self.tokenizer_name is None:
-                raise ValueError("data.tokenizer is unset and there is no model to take it from")
-            else:
-                from medadapt.model import ModelConfig, load_tokenizer
-
-                self.tokenizer = load_tokenizer(ModelConfig(name_or_path=self.tokenizer_name))
+            self.tokenizer = tokenizer_for(self, self.tokenizer_name)
         return self.tokenizer
 
     def setup(self, stage: str) -> None:

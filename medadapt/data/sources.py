@@ -26,8 +26,12 @@ def load_rows(
     data_files: Union[str, list[str], None] = None,
     revision: Optional[str] = None,
     max_rows: Optional[int] = None,
+    **builder_kwargs,
 ):
-    """Load ``dataset`` (hub id) or ``data_files`` (local JSON array / JSONL / parquet / CSV); keep the first ``max_rows``."""
+    """Load ``dataset`` (hub id) or ``data_files`` (local JSON array / JSONL / parquet / CSV); keep the first ``max_rows``.
+
+    ``builder_kwargs`` go to the local file builder (e.g. ``column_names`` for a header-less CSV).
+    """
     from datasets import load_dataset
 
     if data_files:
@@ -39,7 +43,7 @@ def load_rows(
         builders = {_BUILDERS.get(s) for s in suffixes}
         if len(builders) != 1 or None in builders:
             raise ValueError(f"data_files must share one format among {sorted(_BUILDERS)}: got {sorted(suffixes)}")
-        rows = load_dataset(builders.pop(), data_files=files, split="train")
+        rows = load_dataset(builders.pop(), data_files=files, split="train", **builder_kwargs)
     else:
         rows = load_dataset(dataset, name, split=split, revision=revision)
     if max_rows is not None and max_rows < len(rows):
@@ -52,3 +56,16 @@ def describe_source(dataset: str, data_files: Union[str, list[str], None]) -> st
     if data_files:
         return data_files if isinstance(data_files, str) else ",".join(data_files)
     return dataset
+
+
+def tokenizer_for(datamodule, name: Optional[str]):
+    """The tokenizer named in a data module's config, or else the one its Trainer's model loaded."""
+    if name is not None:
+        from medadapt.model import ModelConfig, load_tokenizer
+
+        return load_tokenizer(ModelConfig(name_or_path=name))
+    trainer = getattr(datamodule, "trainer", None)
+    module = getattr(trainer, "lightning_module", None) if trainer else None
+    if getattr(module, "tokenizer", None) is None:
+        raise ValueError("data.tokenizer is unset and there is no model to take it from")
+    return module.tokenizer

@@ -1,0 +1,264 @@
+"""The nine Open Medical-LLM leaderboard tasks as uniform items, with lm-evaluation-harness's prompts.
+
+Each task loads from the hub dataset lm-eval itself reads, or from local files in the formats of
+``shared/data/benchmarks`` (MIRAGE / PubMedQA repository layouts), and both land in the same
+normalizer. Prompts are byte-identical to lm-eval 0.4's task definitions (tests/data/test_benchmarks.py
+renders every task with lm-eval's own functions and templates and compares).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+LETTERS = ["A", "B", "C", "D"]
+MMLU_SUBJECTS = ["anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
+                 "professional_medicine"]
+TASKS = ["medqa_4options", "medmcqa", "pubmedqa"] + [f"mmlu_{s}" for s in MMLU_SUBJECTS]
+
+
+class MalformedItemError(ValueError):
+    """A benchmark item that cannot be scored; the message names file and item."""
+
+
+@dataclass
+class Item:
+    """One benchmark question, ready to score: ``prompt`` + ``" " + choices[i]`` for each i."""
+
+    task: str
+    id: str
+    prompt: str
+    choices: list[str]
+    gold: int
+    question: str = ""  # the bare question, for retrieval and decontamination
+    options: list[str] = field(default_factory=list)  # option texts (MCQ), for answer extraction
+    passages: list[str] = field(default_factory=list)  # given context (PubMedQA abstract)
+    extra: dict[str, Any] = field(default_factory=dict)  # stored with the item's prediction
+
+
+# ---- prompts (lm-eval 0.4 task definitions) -------------------------------------------------------
+def medqa_prompt(question: str, options: list[str]) -> str:
+    answers = "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, options))
+    return f"Question: {question}\n{answers}Answer:"
+
+
+def medmcqa_prompt(question: str, options: list[str]) -> str:
+    return "Question: " + question + "\nChoices:\n" + "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, options)) + "Answer:"
+
+
+def pubmedqa_prompt(question: str, contexts: list[str]) -> str:
+    return "Abstract: {}\nQuestion: {}\nAnswer:".format("\n".join(contexts), question)
+
+
+def mmlu_prompt(subject: str, question: str, options: list[str]) -> str:
+    description = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    body = question.strip() + "\n" + "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, options)) + "Answer:"
+    return description + body
+
+
+# ---- loaders: hub and local, one normalizer each --------------------------------------------------
+def _check(task: str, source: str, key: str, options: list, gold: int, question) -> None:
+    if not isinstance(question, str) or not question.strip():
+        raise MalformedItemError(f"{source}: item {key}: question is missing or empty")
+    for letter, opt in zip(LETTERS, options):
+        if not isinstance(opt, str) or not opt.strip():
+            raise MalformedItemError(f"{source}: item {key}: option {letter} is missing or empty")
+    if not isinstance(gold, int) or not 0 <= gold < len(options):
+        raise MalformedItemError(f"{source}: item {key}: answer {gold!r} is not among the {len(options)} options")
+
+
+def _rows(path: Optional[str], hub: tuple, **csv_kwargs):
+    from medadapt.data.sources import load_rows
+
+    if path is not None:
+        return load_rows(path, data_files=path, **csv_kwargs)
+    dataset, name, split = hub
+    return load_rows(dataset, name, split)
+
+
+def load_medqa(path: Optional[str]) -> list[Item]:
+    items = []
+    source = path or "GBaker/MedQA-USMLE-4-options-hf"
+    for i, r in enumerate(_rows(path, ("GBaker/MedQA-USMLE-4-options-hf", None, "test"))):
+        if "sent1" in r:  # hub layout
+            question, options, gold = r["sent1"], [r.get(f"ending{k}") for k in range(4)], r.get("label")
+        else:  # MIRAGE layout: options {A..D}, answer_idx letter
+            opts = r.get("options") or {}
+            question, options = r.get("question"), [opts.get(k) for k in LETTERS]
+            gold = LETTERS.index(r["answer_idx"]) if r.get("answer_idx") in LETTERS else r.get("answer_idx")
+        _check("medqa_4options", source, str(i), options, gold, question)
+        items.append(Item("medqa_4options", str(i), medqa_prompt(question, options), LETTERS, gold, question, options))
+    return items
+
+
+def load_medmcqa(path: Optional[str]) -> list[Item]:
+    """``cop`` is 0-based on the hub (openlifescienceai/medmcqa) and 1-based in the MIRAGE files."""
+    items = []
+    source = path or "openlifescienceai/medmcqa"
+    base = 1 if path is not None else 0
+    for i, r in enumerate(_rows(path, ("openlifescienceai/medmcqa", None, "validation"))):
+        options = [r.get(k) for k in ("opa", "opb", "opc", "opd")]
+        cop = r.get("cop")
+        gold = cop - base if isinstance(cop, int) else cop
+        key = r.get("id") or str(i)
+        _check("medmcqa", source, key, options, gold, r.get("question"))
+        items.append(Item("medmcqa", key, medmcqa_prompt(r["question"], options), LETTERS, gold, r["question"],
+                          options))
+    return items
+
+
+PUBMEDQA_CHOICES = ["yes", "no", "maybe"]
+
+
+def load_pubmedqa(path: Optional[str]) -> list[Item]:
+    """Hub: bigbio/pubmed_qa fold0 test. Local: ``pubmedqa_ori_pqal.json`` restricted to the ids of the
+    ``pubmedqa_test_ground_truth.json`` beside it (the official 500-question test set)."""
+    items = []
+    if path is not None:
+        source = path
+        docs = json.loads(Path(path).read_text())
+        truth_file = Path(path).with_name("pubmedqa_test_ground_truth.json")
+        if not truth_file.exists():
+            raise FileNotFoundError(f"{truth_file} (the 500 PubMedQA test ids) must sit beside {path}")
+        truth = json.loads(truth_file.read_text())
+        missing = [k for k in truth if k not in docs]
+        if missing:
+            raise MalformedItemError(f"{path}: test ids missing from the file, e.g. {missing[:3]}")
+        rows = [{"id": k, **docs[k], "final_decision": truth[k]} for k in truth]
+    else:
+        source = "bigbio/pubmed_qa"
+        rows = _rows(None, ("bigbio/pubmed_qa", "pubmed_qa_labeled_fold0_source", "test"))
+    for i, r in enumerate(rows):
+        key = str(r.get("id") or r.get("PUBMED_ID") or i)
+        contexts = r.get("CONTEXTS")
+        if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
+            raise MalformedItemError(f"{source}: item {key}: CONTEXTS is not a list of text")
+        decision = r.get("final_decision")
+        gold = PUBMEDQA_CHOICES.index(decision) if decision in PUBMEDQA_CHOICES else decision
+        _check("pubmedqa", source, key, PUBMEDQA_CHOICES, gold, r.get("QUESTION"))
+        items.append(Item("pubmedqa", key, pubmedqa_prompt(r["QUESTION"], contexts), PUBMEDQA_CHOICES, gold,
+                          r["QUESTION"], passages=contexts))
+    return items
+
+
+def load_mmlu(subject: str, path: Optional[str]) -> list[Item]:
+    """Hub: cais/mmlu (choices list, integer answer). Local: MIRAGE CSV without header, letter answer."""
+    items = []
+    task = f"mmlu_{subject}"
+    source = path or f"cais/mmlu/{subject}"
+    columns = {"column_names": ["question", "A", "B", "C", "D", "answer"]} if path else {}
+    rows = _rows(path, ("cais/mmlu", subject, "test"), **columns)
+    for i, r in enumerate(rows):
+        if "choices" in r:
+            options, gold = list(r["choices"]), r["answer"]
+        else:
+            options = [r.get(k) for k in LETTERS]
+            gold = LETTERS.index(r["answer"]) if r.get("answer") in LETTERS else r.get("answer")
+        _check(task, source, str(i), options, gold, r.get("question"))
+        items.append(Item(task, str(i), mmlu_prompt(subject, r["question"], options), LETTERS, gold, r["question"],
+                          options))
+    return items
+
+
+LOCAL_FILES = {
+    "medqa_4options": "medqa_us_4options_test.jsonl",
+    "medmcqa": "medmcqa_dev.jsonl",
+    "pubmedqa": "pubmedqa_ori_pqal.json",
+    **{f"mmlu_{s}": f"mmlu/{s}_test.csv" for s in MMLU_SUBJECTS},
+}
+
+
+def load_task(task: str, local_dir: Optional[str] = None) -> list[Item]:
+    """Items of one task, from ``local_dir`` (the shared/data/benchmarks layout) or the hub."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    path = str(Path(local_dir) / LOCAL_FILES[task]) if local_dir else None
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{path} not found (expected the layout of shared/data/benchmarks)")
+    loaders: dict[str, Callable[[Optional[str]], list[Item]]] = {
+        "medqa_4options": load_medqa, "medmcqa": load_medmcqa, "pubmedqa": load_pubmedqa}
+    if task in loaders:
+        return loaders[task](path)
+    return load_mmlu(task[len("mmlu_"):], path)
+
+
+def select(items: list[Item], limit: Optional[int], seed: int) -> list[Item]:
+    """A seeded subset of ``limit`` items in their original order (all when ``limit`` is None)."""
+    if limit is None or limit >= len(items):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+class BenchmarkDataModule(L.LightningDataModule):
+    """Test-stage data: the leaderboard tasks as lm-eval-exact scoring rows, batched by length.
+
+    Args:
+        tasks: Tasks to evaluate (default: all nine leaderboard tasks).
+        local_dir: A folder in the layout of ``shared/data/benchmarks`` (MIRAGE/PubMedQA files); null
+            loads each task's hub dataset, as lm-evaluation-harness does.
+        limit: Evaluate a seeded random subset of this many items per task; null = the full sets.
+        seed: Seed of that subset.
+        batch_size: Questions per forward batch (questions are sorted by length to limit padding).
+        max_length: Inputs longer than this are left-truncated, as lm-eval does at the model length.
+        tokenizer: Tokenizer name or path; null takes the model's.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str] = TASKS,
+        local_dir: Optional[str] = None,
+        limit: Optional[int] = None,
+        seed: int = 1234,
+        batch_size: int = 8,
+        max_length: int = 4096,
+        tokenizer: Optional[str] = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {TASKS}")
+        self.save_hyperparameters()
+        self.items: list[Item] = []
+        self.encoded: list[list] = []
+
+    def setup(self, stage: str) -> None:
+        if self.items:
+            return
+        from medadapt.data.sources import tokenizer_for
+        from medadapt.eval.scoring import item_rows
+
+        h = self.hparams
+        self.tokenizer = tokenizer_for(self, h.tokenizer)
+        for task in h.tasks:
+            self.items += select(load_task(task, h.local_dir), h.limit, h.seed)
+        encoded = [item_rows(self.tokenizer, it, i, h.max_length) for i, it in enumerate(self.items)]
+        # longest first, as lm-eval orders requests: padding stays small and a memory error shows at once
+        self.encoded = sorted(encoded, key=lambda rows: -max(len(r.input_ids) for r in rows))
+        log.info("%d benchmark items (%s), %d forward rows", len(self.items), ", ".join(h.tasks),
+                 sum(len(e) for e in self.encoded))
+
+    def test_dataloader(self):
+        from functools import partial
+
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+        from torch.utils.data import DataLoader
+
+        from medadapt.eval.scoring import collate_items
+
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        # unrepeated: a padded DistributedSampler would score some items twice under DDP
+        sampler = UnrepeatedDistributedSampler(self.encoded, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(self.encoded, batch_size=self.hparams.batch_size, sampler=sampler,
+                          num_workers=self.hparams.num_workers,
+                          collate_fn=partial(collate_items, pad_id=self.tokenizer.pad_token_id))

@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval-exact log-likelihood scoring and result reports."""

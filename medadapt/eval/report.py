@@ -1,0 +1,64 @@
+"""Per-task metrics with 95% confidence intervals, and the files a test run leaves behind.
+
+The interval is lm-eval's: acc ± 1.96 × the sample standard error (ddof 1), so our numbers and the
+harness's can be put side by side. Accuracy itself is computed with torchmetrics on the gathered,
+de-duplicated items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchmetrics.functional.classification import multiclass_accuracy
+
+
+def task_metrics(records: list[dict]) -> dict[str, Any]:
+    n = len(records)
+    out: dict[str, Any] = {"n": n}
+    for key, pred_key in (("acc", "pred"), ("acc_norm", "pred_norm")):
+        preds = torch.tensor([r[pred_key] for r in records])
+        gold = torch.tensor([r["gold"] for r in records])
+        classes = max(len(r["loglikelihoods"]) for r in records)
+        acc = float(multiclass_accuracy(preds, gold, num_classes=classes, average="micro"))
+        stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
+        out[key] = acc
+        out[f"{key}_stderr"] = stderr
+        out[f"{key}_ci95"] = [acc - 1.96 * stderr, acc + 1.96 * stderr]
+    out["unparsable"] = sum(1 for r in records if r.get("unparsable"))
+    return out
+
+
+def summarize(records: list[dict]) -> dict[str, Any]:
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    tasks = {t: task_metrics(rs) for t, rs in sorted(by_task.items())}
+    total = sum(m["n"] for m in tasks.values())
+    return {
+        "tasks": tasks,
+        "macro_avg_acc": sum(m["acc"] for m in tasks.values()) / len(tasks) if tasks else float("nan"),
+        "weighted_avg_acc": sum(m["acc"] * m["n"] for m in tasks.values()) / total if total else float("nan"),
+        "n": total,
+    }
+
+
+def fingerprint(items) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.task, it.id, it.prompt, it.choices, it.gold], ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
+
+
+def write_results(directory: str, summary: dict, records: list[dict], meta: dict) -> Path:
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps({**meta, **summary}, indent=2))
+    with open(path / "predictions.jsonl", "w") as f:
+        for r in sorted(records, key=lambda r: (r["task"], r["id"])):
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path / "results.json"

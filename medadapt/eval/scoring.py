@@ -1,0 +1,116 @@
+"""Multiple-choice log-likelihood scoring, computed exactly as lm-evaluation-harness's HF backend does.
+
+lm-eval scores choice i as the summed log-probability of ``" " + choices[i]`` after the prompt, where
+the continuation's tokens are ``encode(prompt + cont)[len(encode(prompt)):]`` (so a merge across the
+boundary is handled its way) and the model input is ``(ctx + cont)[:-1]``, left-truncated to the model
+length. When every continuation is one token, all choices share that input: one forward pass scores
+the whole question instead of one per choice, with identical numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medadapt.data.benchmarks import Item
+
+
+@dataclass
+class Row:
+    """One forward pass: ``input_ids`` and, per choice it scores, (choice, continuation tokens)."""
+
+    item: int
+    input_ids: list[int]
+    targets: list[tuple[int, list[int]]]
+
+
+def lm_eval_encode(tokenizer, text: str) -> list[int]:
+    """lm-eval's ``tok_encode``: the tokenizer's own special tokens, unless the text already starts with BOS."""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = lm_eval_encode(tokenizer, context + continuation)
+    ctx = lm_eval_encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def item_rows(tokenizer, item: Item, index: int, max_length: int) -> list[Row]:
+    pairs = [encode_pair(tokenizer, item.prompt, " " + c) for c in item.choices]
+    if all(len(cont) == 1 for _, cont in pairs) and all(ctx == pairs[0][0] for ctx, _ in pairs):
+        ctx = pairs[0][0][-max_length:]
+        return [Row(index, ctx, [(i, cont) for i, (_, cont) in enumerate(pairs)])]
+    rows = []
+    for i, (ctx, cont) in enumerate(pairs):
+        if not cont:
+            raise ValueError(f"{item.task} item {item.id}: choice {item.choices[i]!r} encodes to no tokens")
+        rows.append(Row(index, (ctx + cont)[-(max_length + 1):][:-1], [(i, cont)]))
+    return rows
+
+
+def collate_rows(rows: list[Row], pad_id: int) -> dict:
+    """Left-pad so every row ends at the same index: the model then computes logits only for the last
+    ``keep`` positions (``logits_to_keep``) instead of a (rows × length × 152k-vocab) tensor."""
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, width - len(r.input_ids):] = torch.tensor(r.input_ids)
+        attention[b, width - len(r.input_ids):] = 1
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    keep = max(len(cont) for r in rows for _, cont in r.targets)
+    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids, "keep": keep,
+            "rows": rows}
+
+
+def collate_items(batch: list[list[Row]], pad_id: int) -> dict:
+    return collate_rows([r for rows in batch for r in rows], pad_id)
+
+
+@torch.no_grad()
+def score_rows(logits: torch.Tensor, rows: list[Row]) -> dict[int, dict[int, tuple[float, bool]]]:
+    """Per item, per choice: (summed log-likelihood, whether every token is the greedy one).
+
+    ``logits`` holds the last positions of left-padded rows; the last ``n`` of them predict an
+    ``n``-token continuation (the input ends with ``cont[:-1]``, or with the context when ``n`` is 1).
+    """
+    out: dict[int, dict[int, tuple[float, bool]]] = {}
+    width = logits.shape[1]
+    for b, row in enumerate(rows):
+        for choice, cont in row.targets:
+            n = len(cont)
+            logprobs = torch.log_softmax(logits[b, width - n :].float(), dim=-1)
+            target = torch.tensor(cont, device=logprobs.device)
+            ll = logprobs.gather(-1, target[:, None]).sum().item()
+            greedy = bool((logprobs.argmax(-1) == target).all())
+            out.setdefault(row.item, {})[choice] = (ll, greedy)
+    return out
+
+
+def forward_rows(model, batch: dict) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False).logits
+
+
+def argmax_first(values: list[float]) -> int:
+    """numpy.argmax semantics: the first index among ties."""
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+def decide(item: Item, lls: list[float]) -> dict:
+    """lm-eval's acc (argmax log-likelihood) and acc_norm (argmax log-likelihood per character of the choice)."""
+    pred = argmax_first(lls)
+    pred_norm = argmax_first([ll / len(c) for ll, c in zip(lls, item.choices)])
+    return {"pred": pred, "pred_norm": pred_norm, "acc": float(pred == item.gold), "acc_norm": float(pred_norm == item.gold)}
