@@ -13,7 +13,9 @@ import pytest
 
 from medadapt.cli import MedAdaptCLI
 
-from .conftest import REPO
+from .conftest import DATA, REPO
+
+SHARED_BENCH = DATA / "benchmarks"
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -37,9 +39,9 @@ def test_every_shipped_config_parses(config, monkeypatch):
                     args=["fit", "--config", str(config)])
     data = cli.config["fit"]["data"]
     assert data["class_path"].startswith("medadapt.")
-    files = data["init_args"].get("data_files")
-    if files:  # a shipped demo must point at data that exists
-        assert Path(files).exists(), files
+    for key in ("data_files", "local_dir"):  # a shipped demo must point at data that exists
+        if data["init_args"].get(key):
+            assert Path(data["init_args"][key]).exists(), data["init_args"][key]
 
 
 def test_seed_recipe_values():
@@ -88,3 +90,33 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_qwen,
     for a, b in zip(one, two):
         assert float(b["train/loss"]) == pytest.approx(float(a["train/loss"]), rel=1e-5)
         assert float(b["train/grad_norm"]) == pytest.approx(float(a["train/grad_norm"]), rel=1e-4)
+
+
+def test_ddp_test_stage_scores_each_item_once_with_the_same_metrics(tiny_qwen, tmp_path):
+    def run(devices: int) -> dict:
+        out = tmp_path / f"eval{devices}"
+        args = [sys.executable, "-m", "medadapt", "test",
+                "--model.model.name_or_path", tiny_qwen, "--model.model.load_in_4bit", "false",
+                "--model.model.compute_dtype", "float32", "--model.model.gradient_checkpointing", "false",
+                "--model.lora", "null", "--model.results_dir", str(out),
+                "--data", "medadapt.data.benchmarks.BenchmarkDataModule",
+                "--data.local_dir", str(SHARED_BENCH), "--data.tasks", '["pubmedqa", "mmlu_anatomy"]',
+                "--data.limit", "5", "--data.batch_size", "2",  # 10 items over 2 ranks × batch 2: uneven
+                "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+                "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false"]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        preds = [json.loads(line) for line in open(out / "predictions.jsonl")]
+        assert len(preds) == 10 and len({(p["task"], p["id"]) for p in preds}) == 10
+        return json.loads((out / "results.json").read_text()), preds
+
+    (one, p1), (two, p2) = run(1), run(2)
+    assert one["tasks"].keys() == two["tasks"].keys()
+    for task in one["tasks"]:
+        assert two["tasks"][task]["acc"] == one["tasks"][task]["acc"]
+        assert two["tasks"][task]["n"] == one["tasks"][task]["n"] == 5
+    for a, b in zip(p1, p2):
+        assert (a["task"], a["id"], a["pred"]) == (b["task"], b["id"], b["pred"])
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
