@@ -43,7 +43,14 @@ def build_cli(args=None, run: bool = True) -> MedAdaptCLI:
 
 
 def main(args=None) -> None:
+    import sys
+
     logging.basicConfig(level=os.environ.get("MEDADAPT_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "compare":
+        from medadapt.eval.compare import main as compare
+
+        return compare(argv[1:])
     build_cli(args)
 
 

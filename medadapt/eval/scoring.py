@@ -57,18 +57,15 @@ def item_rows(tokenizer, item: Item, index: int, max_length: int) -> list[Row]:
 
 
 def collate_rows(rows: list[Row], pad_id: int) -> dict:
-    """Left-pad so every row ends at the same index: the model then computes logits only for the last
-    ``keep`` positions (``logits_to_keep``) instead of a (rows × length × 152k-vocab) tensor."""
+    """Right-pad with no attention mask: in a causal model padding after a row cannot change the row's
+    logits, and without a mask SDPA keeps its fast causal kernel (lm-eval batches the same way)."""
     width = max(len(r.input_ids) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
-        input_ids[b, width - len(r.input_ids):] = torch.tensor(r.input_ids)
-        attention[b, width - len(r.input_ids):] = 1
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+        input_ids[b, : len(r.input_ids)] = torch.tensor(r.input_ids)
+    ends = torch.tensor([len(r.input_ids) for r in rows])
     keep = max(len(cont) for r in rows for _, cont in r.targets)
-    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids, "keep": keep,
-            "rows": rows}
+    return {"input_ids": input_ids, "ends": ends, "keep": keep, "rows": rows}
 
 
 def collate_items(batch: list[list[Row]], pad_id: int) -> dict:
@@ -96,8 +93,18 @@ def score_rows(logits: torch.Tensor, rows: list[Row]) -> dict[int, dict[int, tup
 
 
 def forward_rows(model, batch: dict) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False).logits
+    """Logits of the last ``keep`` positions of each row, (rows, keep, vocab).
+
+    The output head runs on those positions only: the full (rows × length × 152k-vocab) logits tensor
+    of a plain forward is the largest allocation of the test stage and almost all of it is unused.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA layers stay active
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+    keep = batch["keep"]
+    ends = batch["ends"].to(hidden.device)
+    index = (ends[:, None] - keep + torch.arange(keep, device=hidden.device)).clamp(min=0)
+    picked = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+    return base.get_output_embeddings()(picked)
 
 
 def argmax_first(values: list[float]) -> int:

@@ -25,7 +25,7 @@ OFFICIAL = {"medqa_4options": "medqa/medqa.yaml", "medmcqa": "medmcqa/medmcqa.ya
                                                        "college_medicine", "medical_genetics", "professional_medicine")}}
 
 
-def run_lm_eval(model_dir: str, docs_by_task: dict[str, list[dict]], workdir: Path) -> dict[str, list[dict]]:
+def write_task_yamls(docs_by_task: dict[str, list[dict]], workdir: Path):
     """lm-eval's own task YAMLs (``include``d unchanged), pointed at local JSONL instead of the hub."""
     import lm_eval
     import yaml
@@ -41,7 +41,14 @@ def run_lm_eval(model_dir: str, docs_by_task: dict[str, list[dict]], workdir: Pa
                "training_split": None, "validation_split": None, "fewshot_split": None, "tag": None}
         (workdir / f"ref_{task}.yaml").write_text(yaml.safe_dump(cfg))
         names.append(f"ref_{task}")
+    return names, TaskManager(include_path=str(workdir))
+
+
+def run_lm_eval(model_dir: str, docs_by_task: dict[str, list[dict]], workdir: Path) -> dict[str, list[dict]]:
+    import lm_eval
+
+    names, task_manager = write_task_yamls(docs_by_task, workdir)
     res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=names,
-                                  task_manager=TaskManager(include_path=str(workdir)), num_fewshot=0, batch_size=1,
-                                  log_samples=True, device="cpu")
+                                  task_manager=task_manager, num_fewshot=0, batch_size=1, log_samples=True,
+                                  device="cpu")
     return {name[len("ref_"):]: samples for name, samples in res["samples"].items()}

@@ -1,0 +1,101 @@
+"""``python -m medadapt compare DIR [DIR …] --baseline NAME``: methods × tasks with 95% CIs, paired tests, chart.
+
+Each DIR is a test-stage ``results_dir`` (results.json + predictions.jsonl). The paired test is the
+exact McNemar test on the items both runs scored: it asks whether a method flips more wrong answers to
+right than right to wrong, which is far more sensitive than comparing two overlapping intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def load_run(directory: str) -> tuple[dict, dict]:
+    d = Path(directory)
+    results = json.loads((d / "results.json").read_text())
+    preds = {(r["task"], r["id"]): r["acc"] for r in map(json.loads, open(d / "predictions.jsonl"))}
+    return results, preds
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts b (base right only) and c (method right only)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(0, min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired(base: dict, other: dict, task: str) -> tuple[int, int, float]:
+    keys = [k for k in base if k[0] == task and k in other]
+    b = sum(1 for k in keys if base[k] and not other[k])
+    c = sum(1 for k in keys if other[k] and not base[k])
+    return b, c, mcnemar_exact(b, c)
+
+
+def build_table(runs: dict[str, tuple[dict, dict]], baseline: str) -> str:
+    tasks = sorted({t for results, _ in runs.values() for t in results["tasks"]})
+    head = "| method | " + " | ".join(tasks) + " | macro avg |"
+    lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    for name, (results, _) in runs.items():
+        cells = []
+        for t in tasks:
+            m = results["tasks"].get(t)
+            cells.append("–" if m is None else f"{100 * m['acc']:.1f} [{100 * m['acc_ci95'][0]:.1f}, {100 * m['acc_ci95'][1]:.1f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * results['macro_avg_acc']:.1f} |")
+    lines += ["", f"Paired exact McNemar test against `{baseline}` (b = only {baseline} right, c = only the method right):", ""]
+    lines += ["| method | task | b | c | p |", "|---|---|---:|---:|---:|"]
+    base_preds = runs[baseline][1]
+    for name, (_, preds) in runs.items():
+        if name == baseline:
+            continue
+        for t in tasks:
+            b, c, p = paired(base_preds, preds, t)
+            lines.append(f"| {name} | {t} | {b} | {c} | {p:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(runs: dict[str, tuple[dict, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for results, _ in runs.values() for t in results["tasks"]})
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(tasks)), 4.5))
+    for i, (name, (results, _)) in enumerate(runs.items()):
+        accs = [100 * results["tasks"].get(t, {}).get("acc", float("nan")) for t in tasks]
+        errs = [196 * results["tasks"].get(t, {}).get("acc_stderr", float("nan")) for t in tasks]
+        ax.bar([x + i * width for x in range(len(tasks))], accs, width, yerr=errs, capsize=2, label=name)
+    ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(tasks))])
+    ax.set_xticklabels([t.replace("mmlu_", "mmlu\n") for t in tasks], fontsize=8)
+    ax.set_ylabel("accuracy (%) with 95% CI")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m medadapt compare", description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="results directories; NAME=DIR to name a run (default: folder name)")
+    ap.add_argument("--baseline", help="run the paired tests compare against (default: the first)")
+    ap.add_argument("--out", default="results/comparison", help="writes OUT.md and OUT.png")
+    args = ap.parse_args(argv)
+    runs = {}
+    for spec in args.runs:
+        name, _, directory = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        runs[name] = load_run(directory)
+    baseline = args.baseline or next(iter(runs))
+    if baseline not in runs:
+        raise SystemExit(f"--baseline {baseline!r} is not among the runs {list(runs)}")
+    table = build_table(runs, baseline)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table)
+    chart(runs, out.with_suffix(".png"))
+    print(table)
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
