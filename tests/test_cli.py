@@ -76,7 +76,7 @@ def fit_metrics(tmp_path: Path, model_path: str, data_file: str, devices: int, b
         "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     rows = list(csv.DictReader(open(next(out.rglob("metrics.csv")))))
@@ -106,7 +106,7 @@ def test_ddp_test_stage_scores_each_item_once_with_the_same_metrics(tiny_qwen, t
                 "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.logger", "false",
                 "--trainer.enable_progress_bar", "false"]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         preds = [json.loads(line) for line in open(out / "predictions.jsonl")]
         assert len(preds) == 10 and len({(p["task"], p["id"]) for p in preds}) == 10
