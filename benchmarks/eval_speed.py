@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from medadapt.data.benchmarks import BenchmarkDataModule  # noqa: E402
+from medadapt.eval.scoring import argmax_first  # noqa: E402
 from medadapt.model import ModelConfig, resolve_model_path  # noqa: E402
 from medadapt.module import CausalLMModule  # noqa: E402
 
@@ -71,7 +72,7 @@ def run_lm_eval(model, model_name: str, items, batch_size: int, workdir: Path):
         task = name[len("ref_"):]
         for it, s in zip(by_task[task], samples):
             lls = [r[0] for r in s["filtered_resps"]]
-            preds[(task, it.id)] = max(range(len(lls)), key=lambda i: (lls[i], -i))
+            preds[(task, it.id)] = argmax_first(lls)
     return preds, elapsed
 
 

@@ -225,7 +225,6 @@ class CausalLMModule(L.LightningModule):
                     "data_fingerprint": fingerprint(dm.items)}
             path = write_results(self.hparams.results_dir, summary, records, meta)
             log.info("results: %s (macro acc %.4f over %d items)", path, summary["macro_avg_acc"], summary["n"])
-        self.test_summary = summary
 
     # ---- optimizer ---------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -2,8 +2,8 @@
 
 Each task loads from the hub dataset lm-eval itself reads, or from local files in the formats of
 ``shared/data/benchmarks`` (MIRAGE / PubMedQA repository layouts), and both land in the same
-normalizer. Prompts are byte-identical to lm-eval 0.4's task definitions (tests/data/test_benchmarks.py
-renders every task with lm-eval's own functions and templates and compares).
+normalizer. Prompts are byte-identical to lm-eval 0.4's task definitions (tests/eval/test_scoring.py runs
+lm-eval on every task and compares its prompts, log-likelihoods and predictions with ours).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def mmlu_prompt(subject: str, question: str, options: list[str]) -> str:
 
 
 # ---- loaders: hub and local, one normalizer each --------------------------------------------------
-def _check(task: str, source: str, key: str, options: list, gold: int, question) -> None:
+def _check(source: str, key: str, options: list, gold: int, question) -> None:
     if not isinstance(question, str) or not question.strip():
         raise MalformedItemError(f"{source}: item {key}: question is missing or empty")
     for letter, opt in zip(LETTERS, options):
@@ -94,7 +94,7 @@ def load_medqa(path: Optional[str]) -> list[Item]:
             opts = r.get("options") or {}
             question, options = r.get("question"), [opts.get(k) for k in LETTERS]
             gold = LETTERS.index(r["answer_idx"]) if r.get("answer_idx") in LETTERS else r.get("answer_idx")
-        _check("medqa_4options", source, str(i), options, gold, question)
+        _check(source, str(i), options, gold, question)
         items.append(Item("medqa_4options", str(i), medqa_prompt(question, options), LETTERS, gold, question, options))
     return items
 
@@ -109,7 +109,7 @@ def load_medmcqa(path: Optional[str]) -> list[Item]:
         cop = r.get("cop")
         gold = cop - base if isinstance(cop, int) else cop
         key = r.get("id") or str(i)
-        _check("medmcqa", source, key, options, gold, r.get("question"))
+        _check(source, key, options, gold, r.get("question"))
         items.append(Item("medmcqa", key, medmcqa_prompt(r["question"], options), LETTERS, gold, r["question"],
                           options))
     return items
@@ -143,7 +143,7 @@ def load_pubmedqa(path: Optional[str]) -> list[Item]:
             raise MalformedItemError(f"{source}: item {key}: CONTEXTS is not a list of text")
         decision = r.get("final_decision")
         gold = PUBMEDQA_CHOICES.index(decision) if decision in PUBMEDQA_CHOICES else decision
-        _check("pubmedqa", source, key, PUBMEDQA_CHOICES, gold, r.get("QUESTION"))
+        _check(source, key, PUBMEDQA_CHOICES, gold, r.get("QUESTION"))
         items.append(Item("pubmedqa", key, pubmedqa_prompt(r["QUESTION"], contexts), PUBMEDQA_CHOICES, gold,
                           r["QUESTION"], passages=contexts))
     return items
@@ -162,7 +162,7 @@ def load_mmlu(subject: str, path: Optional[str]) -> list[Item]:
         else:
             options = [r.get(k) for k in LETTERS]
             gold = LETTERS.index(r["answer"]) if r.get("answer") in LETTERS else r.get("answer")
-        _check(task, source, str(i), options, gold, r.get("question"))
+        _check(source, str(i), options, gold, r.get("question"))
         items.append(Item(task, str(i), mmlu_prompt(subject, r["question"], options), LETTERS, gold, r["question"],
                           options))
     return items

@@ -44,8 +44,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def item_rows(tokenizer, item: Item, index: int, max_length: int) -> list[Row]:
-    pairs = [encode_pair(tokenizer, item.prompt, " " + c) for c in item.choices]
-    if all(len(cont) == 1 for _, cont in pairs) and all(ctx == pairs[0][0] for ctx, _ in pairs):
+    pairs = [encode_pair(tokenizer, item.prompt, " " + c) for c in item.choices]  # one prompt: one ctx encoding
+    if all(len(cont) == 1 for _, cont in pairs):
         ctx = pairs[0][0][-max_length:]
         return [Row(index, ctx, [(i, cont) for i, (_, cont) in enumerate(pairs)])]
     rows = []
