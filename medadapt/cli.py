@@ -42,15 +42,22 @@ def build_cli(args=None, run: bool = True) -> MedAdaptCLI:
     )
 
 
+# commands that are not Trainer runs: name → module whose ``main(argv)`` handles them
+COMMANDS = {
+    "compare": "medadapt.eval.compare",
+    "decontaminate": "medadapt.eval.decontaminate",
+}
+
+
 def main(args=None) -> None:
     import sys
 
     logging.basicConfig(level=os.environ.get("MEDADAPT_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "compare":
-        from medadapt.eval.compare import main as compare
+    if argv and argv[0] in COMMANDS:
+        import importlib
 
-        return compare(argv[1:])
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     build_cli(args)
 
 

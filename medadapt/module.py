@@ -196,12 +196,24 @@ class CausalLMModule(L.LightningModule):
         from medadapt.eval.scoring import decide, forward_rows, score_rows
 
         items = self.trainer.datamodule.items
+        if "gen_rows" in batch:
+            return self._generative_step(batch, items)
         for index, per_choice in score_rows(forward_rows(self.model, batch), batch["rows"]).items():
             item = items[index]
             lls = [per_choice[c][0] for c in range(len(item.choices))]
             self._test_records.append({"task": item.task, "id": item.id, "gold": item.gold, "loglikelihoods": lls,
                                        "is_greedy": [per_choice[c][1] for c in range(len(item.choices))],
-                                       **decide(item, lls), **item.extra})
+                                       "n_choices": len(item.choices), **decide(item, lls), **item.extra})
+
+    def _generative_step(self, batch: dict, items: list) -> None:
+        from medadapt.eval.generative import decide_generated, generate
+
+        budget = self.trainer.datamodule.hparams.max_new_tokens
+        for row, (text, finished) in zip(batch["gen_rows"], generate(self.model, self.tokenizer, batch, budget)):
+            item = items[row.item]
+            self._test_records.append({"task": item.task, "id": item.id, "gold": item.gold, "loglikelihoods": None,
+                                       "n_choices": len(item.choices),
+                                       **decide_generated(item, text, finished, row.thinking), **item.extra})
 
     def on_test_epoch_end(self) -> None:
         from medadapt.eval.report import fingerprint, summarize, write_results
@@ -216,7 +228,8 @@ class CausalLMModule(L.LightningModule):
             raise RuntimeError("an item was scored twice; the test sampler must not pad")
         summary = summarize(records)
         for task, m in summary["tasks"].items():
-            self.log_dict({f"test/{task}/acc": m["acc"], f"test/{task}/acc_norm": m["acc_norm"]}, rank_zero_only=True)
+            self.log_dict({f"test/{task}/acc": m["acc"], f"test/{task}/acc_norm": m["acc_norm"],
+                           f"test/{task}/unparsable": float(m["unparsable"])}, rank_zero_only=True)
         self.log("test/macro_avg_acc", summary["macro_avg_acc"], rank_zero_only=True)
         if self.trainer.is_global_zero:
             dm = self.trainer.datamodule

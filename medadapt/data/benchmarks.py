@@ -13,11 +13,12 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import lightning as L
 
 log = logging.getLogger(__name__)
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 LETTERS = ["A", "B", "C", "D"]
 MMLU_SUBJECTS = ["anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
@@ -211,6 +212,13 @@ class BenchmarkDataModule(L.LightningDataModule):
         max_length: Inputs longer than this are left-truncated, as lm-eval does at the model length.
         tokenizer: Tokenizer name or path; null takes the model's.
         num_workers: DataLoader worker processes.
+        mode: ``loglikelihood`` scores each choice as lm-eval does (the leaderboard's numbers);
+            ``generate`` lets the model answer through its chat template (reasoning models think
+            first) and extracts the answer; unparsable answers are counted per task.
+        max_new_tokens: Generative mode: token budget per answer, thinking included (R1-distill
+            models often need 2,000+; an answer cut off mid-thought counts as unparsable).
+        instruction: Generative mode: sentence appended to every question (DeepSeek's recommended
+            one asks for a ``\\boxed{}`` answer, which extraction reads first).
     """
 
     def __init__(
@@ -223,6 +231,9 @@ class BenchmarkDataModule(L.LightningDataModule):
         max_length: int = 4096,
         tokenizer: Optional[str] = None,
         num_workers: int = 0,
+        mode: Literal["loglikelihood", "generate"] = "loglikelihood",
+        max_new_tokens: int = 2048,
+        instruction: str = INSTRUCTION,
     ):
         super().__init__()
         unknown = [t for t in tasks if t not in TASKS]
@@ -236,13 +247,17 @@ class BenchmarkDataModule(L.LightningDataModule):
         if self.items:
             return
         from medadapt.data.sources import tokenizer_for
+        from medadapt.eval.generative import gen_row
         from medadapt.eval.scoring import item_rows
 
         h = self.hparams
         self.tokenizer = tokenizer_for(self, h.tokenizer)
         for task in h.tasks:
             self.items += select(load_task(task, h.local_dir), h.limit, h.seed)
-        encoded = [item_rows(self.tokenizer, it, i, h.max_length) for i, it in enumerate(self.items)]
+        if h.mode == "generate":
+            encoded = [[gen_row(self.tokenizer, it, i, h.instruction)] for i, it in enumerate(self.items)]
+        else:
+            encoded = [item_rows(self.tokenizer, it, i, h.max_length) for i, it in enumerate(self.items)]
         # longest first, as lm-eval orders requests: padding stays small and a memory error shows at once
         self.encoded = sorted(encoded, key=lambda rows: -max(len(r.input_ids) for r in rows))
         log.info("%d benchmark items (%s), %d forward rows", len(self.items), ", ".join(h.tasks),
@@ -254,6 +269,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
         from torch.utils.data import DataLoader
 
+        from medadapt.eval.generative import collate_generate
         from medadapt.eval.scoring import collate_items
 
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
@@ -261,4 +277,5 @@ class BenchmarkDataModule(L.LightningDataModule):
         sampler = UnrepeatedDistributedSampler(self.encoded, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(self.encoded, batch_size=self.hparams.batch_size, sampler=sampler,
                           num_workers=self.hparams.num_workers,
-                          collate_fn=partial(collate_items, pad_id=self.tokenizer.pad_token_id))
+                          collate_fn=partial(collate_generate if self.hparams.mode == "generate" else collate_items,
+                                             pad_id=self.tokenizer.pad_token_id))

@@ -18,13 +18,15 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 
 def task_metrics(records: list[dict]) -> dict[str, Any]:
+    """acc / acc_norm with lm-eval's stderr and 95% CI. An unparsable generative answer (pred -1) is its
+    own extra class, so it counts as wrong without being dropped from the denominator."""
     n = len(records)
     out: dict[str, Any] = {"n": n}
+    classes = max(r.get("n_choices") or len(r["loglikelihoods"]) for r in records)
     for key, pred_key in (("acc", "pred"), ("acc_norm", "pred_norm")):
-        preds = torch.tensor([r[pred_key] for r in records])
+        preds = torch.tensor([classes if r[pred_key] < 0 else r[pred_key] for r in records])
         gold = torch.tensor([r["gold"] for r in records])
-        classes = max(len(r["loglikelihoods"]) for r in records)
-        acc = float(multiclass_accuracy(preds, gold, num_classes=classes, average="micro"))
+        acc = float(multiclass_accuracy(preds, gold, num_classes=classes + 1, average="micro"))
         stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
         out[key] = acc
         out[f"{key}_stderr"] = stderr
