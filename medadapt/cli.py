@@ -42,10 +42,12 @@ def build_cli(args=None, run: bool = True) -> MedAdaptCLI:
     )
 
 
-# commands that are not Trainer runs: name → module whose ``main(argv)`` handles them
+# commands that are not Trainer runs: name → "module:function" taking the remaining argv
 COMMANDS = {
-    "compare": "medadapt.eval.compare",
-    "decontaminate": "medadapt.eval.decontaminate",
+    "compare": "medadapt.eval.compare:main",
+    "decontaminate": "medadapt.eval.decontaminate:main",
+    "index": "medadapt.rag.cli:index_main",
+    "ask": "medadapt.rag.cli:ask_main",
 }
 
 
@@ -53,11 +55,14 @@ def main(args=None) -> None:
     import sys
 
     logging.basicConfig(level=os.environ.get("MEDADAPT_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("haystack", "bm25s", "faiss.loader", "sentence_transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in COMMANDS:
         import importlib
 
-        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        module, function = COMMANDS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     build_cli(args)
 
 

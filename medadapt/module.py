@@ -97,7 +97,8 @@ class CausalLMModule(L.LightningModule):
         if self.model is not None:
             return
         lora = None if self.init_adapter_path else self.lora_cfg
-        training = self._trainer is None or self.trainer.state.fn in ("fit", None)
+        training = not getattr(self, "_inference", False) and (self._trainer is None
+                                                                or self.trainer.state.fn in ("fit", None))
         self.model = load_model(self.model_cfg, lora, training=training)
         if self.init_adapter_path:
             from peft import PeftModel
@@ -311,6 +312,23 @@ class CausalLMModule(L.LightningModule):
         ckpt = self.trainer.checkpoint_callback
         base = ckpt.dirpath if ckpt is not None and ckpt.dirpath else (self.trainer.log_dir or ".")
         return str(Path(base) / "adapter")
+
+
+def load_for_inference(model: ModelConfig, lora: Optional[LoraConfig] = None, init_adapter: Optional[str] = None,
+                       ckpt_path: Optional[str] = None) -> CausalLMModule:
+    """The module with its weights ready to generate outside a Trainer (``ask``): base model, an
+    exported PEFT adapter, or a LoRA checkpoint of a fit run (``lora`` must match it)."""
+    module = CausalLMModule(model=model, lora=lora if ckpt_path else None, init_adapter=init_adapter)
+    module._inference = True
+    module.configure_model()
+    if ckpt_path:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
+    module.model.eval()
+    if torch.cuda.is_available() and not model.load_in_4bit:
+        module.model.cuda()
+    return module
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):

@@ -18,6 +18,8 @@ from .conftest import DATA, REPO
 SHARED_BENCH = DATA / "benchmarks"
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+RAG_CONFIGS = [c for c in CONFIGS if c.name == "rag.yaml"]  # index/ask configs, not Trainer runs
+TRAINER_CONFIGS = [c for c in CONFIGS if c not in RAG_CONFIGS]
 
 
 class ParseOnly(MedAdaptCLI):
@@ -28,7 +30,20 @@ class ParseOnly(MedAdaptCLI):
         pass
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO)) for c in CONFIGS])
+@pytest.mark.parametrize("config", RAG_CONFIGS, ids=[str(c.relative_to(REPO)) for c in RAG_CONFIGS])
+def test_every_rag_config_parses(config, monkeypatch):
+    from medadapt.rag.cli import build_parser
+
+    monkeypatch.chdir(REPO)
+    parser = build_parser("ask")
+    cfg = parser.parse_args(["--config", str(config), "a question"])
+    init = parser.instantiate_classes(cfg)
+    assert init.index.dir and init.retrieval.top_k > 0 and init.model.name_or_path
+    if "demo" in config.parts:  # the offline demo must point at data that exists
+        assert Path(init.corpus.data_files).exists(), init.corpus.data_files
+
+
+@pytest.mark.parametrize("config", TRAINER_CONFIGS, ids=[str(c.relative_to(REPO)) for c in TRAINER_CONFIGS])
 def test_every_shipped_config_parses(config, monkeypatch):
     import lightning as L
 

@@ -17,6 +17,8 @@ from typing import Any, Callable, Literal, Optional
 
 import lightning as L
 
+from medadapt.rag.context import RagArmConfig
+
 log = logging.getLogger(__name__)
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -42,6 +44,7 @@ class Item:
     question: str = ""  # the bare question, for retrieval and decontamination
     options: list[str] = field(default_factory=list)  # option texts (MCQ), for answer extraction
     passages: list[str] = field(default_factory=list)  # given context (PubMedQA abstract)
+    context: str = ""  # retrieved snippets (RAG arm), already at the start of ``prompt``
     extra: dict[str, Any] = field(default_factory=dict)  # stored with the item's prediction
 
 
@@ -219,6 +222,7 @@ class BenchmarkDataModule(L.LightningDataModule):
             models often need 2,000+; an answer cut off mid-thought counts as unparsable).
         instruction: Generative mode: sentence appended to every question (DeepSeek's recommended
             one asks for a ``\\boxed{}`` answer, which extraction reads first).
+        rag: Put retrieved snippets before every question (the RAG method); null for none.
     """
 
     def __init__(
@@ -234,6 +238,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         mode: Literal["loglikelihood", "generate"] = "loglikelihood",
         max_new_tokens: int = 2048,
         instruction: str = INSTRUCTION,
+        rag: Optional[RagArmConfig] = None,
     ):
         super().__init__()
         unknown = [t for t in tasks if t not in TASKS]
@@ -254,6 +259,10 @@ class BenchmarkDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer_for(self, h.tokenizer)
         for task in h.tasks:
             self.items += select(load_task(task, h.local_dir), h.limit, h.seed)
+        if h.rag is not None:
+            from medadapt.rag.context import with_context
+
+            self.items = with_context(self.items, h.rag, self.tokenizer)
         if h.mode == "generate":
             encoded = [[gen_row(self.tokenizer, it, i, h.instruction)] for i, it in enumerate(self.items)]
         else:

@@ -29,14 +29,15 @@ class GenRow:
 
 
 def user_message(item: Item, instruction: str = INSTRUCTION) -> str:
+    """The question as a user turn; retrieved snippets (RAG arm) come first, as in the scored prompt."""
     if item.options:
         options = "\n".join(f"{k}. {v}" for k, v in zip(LETTERS, item.options))
         ask = "Answer with the letter of the correct option."
-        return f"{item.question.strip()}\n\n{options}\n\n{ask} {instruction}".strip()
-    context = "\n".join(item.passages)
+        return f"{item.context}{item.question.strip()}\n\n{options}\n\n{ask} {instruction}".strip()
+    abstract = "\n".join(item.passages)
     ask = "Answer " + ", ".join(item.choices[:-1]) + " or " + item.choices[-1] + "."
-    head = f"Context: {context}\n\n" if context else ""
-    return f"{head}Question: {item.question.strip()}\n\n{ask} {instruction}".strip()
+    head = f"Abstract: {abstract}\n\n" if abstract else ""
+    return f"{item.context}{head}Question: {item.question.strip()}\n\n{ask} {instruction}".strip()
 
 
 def gen_row(tokenizer, item: Item, index: int, instruction: str = INSTRUCTION) -> GenRow:

@@ -7,6 +7,7 @@ de-duplicated items.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -56,10 +57,17 @@ def fingerprint(items) -> str:
     return h.hexdigest()[:16]
 
 
+def _jsonable(value: Any) -> Any:
+    """Config dataclasses (e.g. the RAG arm's) as plain dicts in the provenance."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
 def write_results(directory: str, summary: dict, records: list[dict], meta: dict) -> Path:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "results.json").write_text(json.dumps({**meta, **summary}, indent=2))
+    (path / "results.json").write_text(json.dumps({**meta, **summary}, indent=2, default=_jsonable))
     with open(path / "predictions.jsonl", "w") as f:
         for r in sorted(records, key=lambda r: (r["task"], r["id"])):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

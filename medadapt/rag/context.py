@@ -1,0 +1,109 @@
+"""Retrieved snippets → the context block of a prompt, and the RAG arm of the test stage.
+
+One formatter serves ``ask`` and the benchmarks, so what a user sees answered is what was scored. The
+block fits a token budget of the *answering* model's tokenizer: whole snippets while they fit, then the
+next one cut at a token boundary and backed off to a word boundary, marked with "…".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+HEADER = "Context:\n"
+
+
+def snippet_text(doc) -> str:
+    title = (doc.meta or {}).get("title")
+    return f"{title}: {doc.content}" if title else doc.content
+
+
+def format_context(snippets: list[str], tokenizer, max_tokens: int) -> tuple[str, int]:
+    """The block (``""`` when there is nothing to show) and how many snippets it carries, whole or cut."""
+    budget = max_tokens - len(tokenizer.encode(HEADER, add_special_tokens=False))
+    lines: list[str] = []
+    for i, text in enumerate(snippets):
+        line = f"[{i + 1}] {' '.join(text.split())}\n"
+        ids = tokenizer.encode(line, add_special_tokens=False)
+        if len(ids) <= budget:
+            lines.append(line)
+            budget -= len(ids)
+            continue
+        cut = tokenizer.decode(ids[: max(budget - 2, 0)])  # room for " …\n"
+        cut = cut[: cut.rfind(" ")] if " " in cut else ""
+        if cut.strip() and cut.strip() != f"[{i + 1}]":
+            lines.append(cut.rstrip() + " …\n")
+        break
+    return (HEADER + "".join(lines) + "\n" if lines else ""), len(lines)
+
+
+@dataclass
+class RagArmConfig:
+    """Benchmark prompts with retrieved snippets (the RAG method in the test stage).
+
+    Args:
+        index_dir: A built index (``python -m medadapt index``); its embedder is read from it.
+        store: ``local`` or ``qdrant`` (as in the index config).
+        top_k: Snippets retrieved per question (after fusion).
+        candidates: Snippets each retriever passes to the fusion.
+        max_context_tokens: Token budget of the context block, in the evaluated model's tokens.
+        cache: Keep each question's retrieved snippets in ``<index_dir>/retrieval_cache`` and reuse them.
+        qdrant_url: Qdrant server URL when ``store`` is qdrant (null: local mode in ``index_dir``).
+    """
+
+    index_dir: str = "indexes/textbooks"
+    store: str = "local"
+    top_k: int = 8
+    candidates: int = 32
+    max_context_tokens: int = 1024
+    cache: bool = True
+    qdrant_url: Optional[str] = None
+
+
+def _retriever(cfg: RagArmConfig):
+    from medadapt.rag.local_index import LocalIndex
+    from medadapt.rag.pipelines import HybridRetriever, IndexConfig, RetrievalConfig
+
+    embedder = LocalIndex(cfg.index_dir).manifest().get("embedder") if cfg.store == "local" else None
+    index = IndexConfig(dir=cfg.index_dir, store=cfg.store, qdrant_url=cfg.qdrant_url,
+                        **({"embedder": embedder} if embedder else {}))
+    return HybridRetriever(index, RetrievalConfig(top_k=cfg.top_k, candidates=cfg.candidates))
+
+
+def retrieve_cached(cfg: RagArmConfig, questions: list[str]) -> list[list[dict]]:
+    """Per question: [{id, text}, …], retrieved once per (index build, settings, question)."""
+    from medadapt.rag.local_index import LocalIndex
+
+    built = LocalIndex(cfg.index_dir).manifest().get("built") if cfg.store == "local" else cfg.qdrant_url
+    key = json.dumps([built, cfg.store, cfg.top_k, cfg.candidates], sort_keys=True)
+    path = Path(cfg.index_dir) / "retrieval_cache" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    cache: dict = json.loads(path.read_text()) if cfg.cache and path.exists() else {}
+    digest = [hashlib.sha256(q.encode()).hexdigest() for q in questions]
+    todo = sorted({d: q for d, q in zip(digest, questions) if d not in cache}.items())
+    if todo:
+        log.info("retrieving for %d questions (%d cached)", len(todo), len(questions) - len(todo))
+        found = _retriever(cfg).retrieve_batch([q for _, q in todo])
+        for (d, _), docs in zip(todo, found):
+            cache[d] = [{"id": doc.id, "text": snippet_text(doc), "score": doc.score} for doc in docs]
+        if cfg.cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache))
+            tmp.replace(path)
+    return [cache[d] for d in digest]
+
+
+def with_context(items: list, cfg: RagArmConfig, tokenizer) -> list:
+    """Copies of ``items`` whose prompts start with the retrieved context; choices and gold untouched."""
+    hits = retrieve_cached(cfg, [it.question for it in items])
+    out = []
+    for item, found in zip(items, hits):
+        block, used = format_context([h["text"] for h in found], tokenizer, cfg.max_context_tokens)
+        extra = {**item.extra, "retrieved_ids": [h["id"] for h in found[:used]]}
+        out.append(replace(item, prompt=block + item.prompt, context=block, extra=extra))
+    return out
