@@ -62,3 +62,20 @@ def test_rag_test_stage_stores_retrieved_ids_with_predictions(medquad_index, tin
     assert len(preds) == 4 and all(p["retrieved_ids"] and len(p["loglikelihoods"]) == p["n_choices"] for p in preds)
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     assert results["data"]["rag"]["index_dir"] == medquad_index.dir
+
+
+def test_ask_answers_with_an_adapter_and_prints_its_sources(medquad_index, tiny_qwen, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from medadapt.rag.cli import ask_main
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_qwen), LoraConfig(r=4, target_modules="all-linear")) \
+        .save_pretrained(adapter)
+    question = "What are the treatments for Kaposi Sarcoma ?"
+    ask_main(["--index.dir", medquad_index.dir, "--retrieval.top_k", "3", "--model.name_or_path", tiny_qwen,
+              "--model.load_in_4bit", "false", "--model.compute_dtype", "float32", "--init_adapter", str(adapter),
+              "--max_new_tokens", "4", "--max_context_tokens", "400", question])
+    out = capsys.readouterr().out
+    assert "Sources:" in out and "0000003_3-5" in out.split("Sources:")[1]
