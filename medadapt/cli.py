@@ -48,6 +48,8 @@ COMMANDS = {
     "decontaminate": "medadapt.eval.decontaminate:main",
     "index": "medadapt.rag.cli:index_main",
     "ask": "medadapt.rag.cli:ask_main",
+    "export": "medadapt.export:main",
+    "multistep": "medadapt.multistep:main",
 }
 
 

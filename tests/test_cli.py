@@ -19,7 +19,8 @@ SHARED_BENCH = DATA / "benchmarks"
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 RAG_CONFIGS = [c for c in CONFIGS if c.name == "rag.yaml"]  # index/ask configs, not Trainer runs
-TRAINER_CONFIGS = [c for c in CONFIGS if c not in RAG_CONFIGS]
+MULTISTEP_CONFIGS = [c for c in CONFIGS if c.name == "multistep.yaml"]  # chains of fit configs
+TRAINER_CONFIGS = [c for c in CONFIGS if c not in RAG_CONFIGS + MULTISTEP_CONFIGS]
 
 
 class ParseOnly(MedAdaptCLI):
@@ -41,6 +42,17 @@ def test_every_rag_config_parses(config, monkeypatch):
     assert init.index.dir and init.retrieval.top_k > 0 and init.model.name_or_path
     if "demo" in config.parts:  # the offline demo must point at data that exists
         assert Path(init.corpus.data_files).exists(), init.corpus.data_files
+
+
+@pytest.mark.parametrize("config", MULTISTEP_CONFIGS, ids=[str(c.relative_to(REPO)) for c in MULTISTEP_CONFIGS])
+def test_every_multistep_config_names_fit_configs_that_exist(config, monkeypatch):
+    from medadapt.multistep import build_parser
+
+    monkeypatch.chdir(REPO)
+    p = build_parser()
+    stages = p.instantiate_classes(p.parse_args(["--config", str(config)])).stages
+    assert [s.name for s in stages] == ["cpt", "sft"] and stages[1].from_previous and not stages[0].from_previous
+    assert all((REPO / s.config) in TRAINER_CONFIGS for s in stages)
 
 
 @pytest.mark.parametrize("config", TRAINER_CONFIGS, ids=[str(c.relative_to(REPO)) for c in TRAINER_CONFIGS])

@@ -98,12 +98,14 @@ class TokenizedDataModule(L.LightningDataModule):
         log.info("%d train examples → %d rows; %d val examples → %d rows (max_length %d, pack=%s)",
                  len(train), len(self.train_rows), len(val), len(self.val_rows), self.max_length, self.pack)
 
-    def _to_rows(self, examples: list[Example]) -> RowsDataset:
+    def group(self, examples: list[Example]) -> list[list[int]]:
+        """Which examples share a row: best-fit packing, or one per row."""
         if self.pack:
-            groups = pack([len(e["input_ids"]) for e in examples], self.max_length)
-        else:
-            groups = [[i] for i in range(len(examples))]
-        return RowsDataset([[examples[i] for i in g] for g in groups])
+            return pack([len(e["input_ids"]) for e in examples], self.max_length)
+        return [[i] for i in range(len(examples))]
+
+    def _to_rows(self, examples: list[Example]) -> RowsDataset:
+        return RowsDataset([[examples[i] for i in g] for g in self.group(examples)])
 
     def _loader(self, rows: RowsDataset, train: bool):
         """A stateful loader over this rank's shard.
