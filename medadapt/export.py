@@ -33,6 +33,9 @@ def merged_model(base: ModelConfig, adapter_dir: str, dtype: str = "float32"):
     """
     from peft import PeftModel
 
+    if not (Path(adapter_dir) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"no PEFT adapter at {adapter_dir} (adapter_config.json missing); a fit run "
+                                "exports one to <checkpoint dir>/adapter (model.adapter_dir)")
     target = resolve_dtype(dtype)
     cfg = replace(base, compute_dtype=dtype, gradient_checkpointing=False)
     model = load_model(cfg, None, training=False)

@@ -124,6 +124,7 @@ class TextbooksDataModule(TokenizedDataModule):
         tok = self.get_tokenizer()
         done = rows.map(_tokenize, batched=True, fn_kwargs={"tokenizer": tok, "field": h.text_field},
                         remove_columns=rows.column_names, desc="tokenizing")
+        self.token_cache_files = [f["filename"] for f in done.cache_files]  # reused by later runs
         kinds = done["kind"]
         bad = [i for i, k in enumerate(kinds) if k in ("not text", "missing")]
         if bad and h.on_bad_row == "error":
