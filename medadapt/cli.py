@@ -50,6 +50,7 @@ COMMANDS = {
     "ask": "medadapt.rag.cli:ask_main",
     "export": "medadapt.export:main",
     "multistep": "medadapt.multistep:main",
+    "study": "medadapt.study:main",
 }
 
 

@@ -33,7 +33,7 @@ class Stage:
     """One fit in the chain.
 
     Args:
-        name: Stage name: its folder under ``work_dir`` and its TensorBoard run name.
+        name: Stage name: its folder under ``work_dir``; its TensorBoard run is ``<work_dir name>-<name>``.
         config: A ``fit`` config (e.g. configs/cpt.yaml).
         args: Extra command-line overrides for this stage (e.g. ["--trainer.max_steps", "100"]).
         from_previous: Start from the previous stage's result (its adapter merged into its base).
@@ -70,7 +70,7 @@ def stage_config(stage: Stage, stage_dir: Path, base_override: Optional[str]) ->
     if isinstance(logger, dict):
         logger.setdefault("init_args", {})
         logger["init_args"].setdefault("save_dir", "lightning_logs")
-        logger["init_args"]["name"] = f"multistep-{stage.name}"
+        logger["init_args"]["name"] = f"{stage_dir.parent.name}-{stage.name}"  # <work_dir name>-<stage>
         trainer["logger"] = logger
     model = cfg.setdefault("model", {})
     model["adapter_dir"] = str(stage_dir / "adapter")

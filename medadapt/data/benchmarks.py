@@ -262,7 +262,9 @@ class BenchmarkDataModule(L.LightningDataModule):
         if h.rag is not None:
             from medadapt.rag.context import with_context
 
-            self.items = with_context(self.items, h.rag, self.tokenizer)
+            # LightningCLI hands a subclass-mode module's nested dataclass over as a dict
+            rag = RagArmConfig(**h.rag) if isinstance(h.rag, dict) else h.rag
+            self.items = with_context(self.items, rag, self.tokenizer)
         if h.mode == "generate":
             encoded = [[gen_row(self.tokenizer, it, i, h.instruction)] for i, it in enumerate(self.items)]
         else:

@@ -185,7 +185,7 @@ def build_index(corpus_cfg, cfg: IndexConfig) -> dict:
         store = qdrant_store(cfg)
         done = {d.id for d in store.filter_documents()} if store.count_documents() else set()
     pipeline = indexing_pipeline(cfg)
-    pipeline.warm_up()  # model loading is not indexing time: docs/s below is embedding + writing
+    warm = False
     embedded, skipped, seconds = 0, 0, 0.0
     bar = tqdm(desc=f"indexing into {cfg.dir}", unit="doc", disable=None)
     while True:
@@ -195,6 +195,9 @@ def build_index(corpus_cfg, cfg: IndexConfig) -> dict:
         todo = [d for d in batch if d.id not in done]
         skipped += len(batch) - len(todo)
         if todo:
+            if not warm:  # model loading is not indexing time: docs/s below is embedding + writing
+                pipeline.warm_up()
+                warm = True
             start = time.perf_counter()
             pipeline.run({"embedder": {"documents": todo}})
             seconds += time.perf_counter() - start

@@ -1,0 +1,127 @@
+"""``python -m medadapt study --config configs/demo/study.yaml``: base vs RAG vs SFT vs CPT→SFT vs SFT+RAG.
+
+The study is the project's question in one command. It only strings together the commands a user
+would type, each on its own config: ``index`` (RAG corpus), ``multistep`` (SFT alone; CPT then SFT),
+``test`` once per method on the same seeded benchmark items, then ``compare`` (table with 95% CIs,
+paired McNemar tests against the baseline, chart). Every step reuses what a previous run built: the
+index skips embedded documents, finished training stages are skipped (unfinished ones resume), and a
+method whose ``results.json`` exists is not re-evaluated. Swapping the demo configs for the full-size
+ones (configs/study.yaml) is the whole difference between the laptop demo and the GPU study.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+METHODS = ["base", "rag", "sft", "cpt_sft", "sft_rag"]
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from medadapt.rag.context import RagArmConfig
+
+    p = ArgumentParser(prog="python -m medadapt study", description=__doc__.splitlines()[0])
+    p.add_argument("--config", action=ActionConfigFile, help="configs/demo/study.yaml or configs/study.yaml")
+    p.add_argument("--work_dir", type=str, default="results/study",
+                   help="training chains, per-method results and the comparison go here")
+    p.add_argument("--methods", type=list[str], default=METHODS, help=f"any of {METHODS}")
+    p.add_argument("--baseline", type=str, default="base", help="the method the paired tests compare against")
+    p.add_argument("--index_config", type=str, help="index/ask config of the RAG corpus (configs/rag.yaml)")
+    p.add_argument("--sft_config", type=str, help="fit config of the SFT stage (configs/sft.yaml)")
+    p.add_argument("--cpt_config", type=str, help="fit config of the CPT stage (configs/cpt.yaml)")
+    p.add_argument("--eval_config", type=str, help="test config: model, tasks, subset (configs/eval.yaml)")
+    p.add_argument("--eval_args", type=list[str], default=[], help="extra overrides for every test run")
+    p.add_argument("--train_args", type=list[str], default=[], help="extra overrides for every fit stage")
+    p.add_argument("--eval_in_4bit", type=bool, default=True,
+                   help="evaluate every method on the nf4 base the adapters were trained on, so the "
+                        "differences are the methods', not quantization's")
+    p.add_argument("--rag", type=RagArmConfig, default=RagArmConfig(),
+                   help="RAG arm settings; index_dir and store are taken from index_config")
+    p.add_argument("--shared_data", type=Optional[str], default="../shared/data",
+                   help="offline data the demo configs read; when absent, every step reads the hub instead")
+    return p
+
+
+def hub_overrides(shared: Optional[str]) -> dict[str, list[str]]:
+    """Arguments that point each step at the hub when the shared offline data is not there."""
+    if shared is None or Path(shared).exists():
+        return {"index": [], "fit": [], "test": []}
+    log.warning("%s not found: reading corpus, training data and benchmarks from the hub", shared)
+    return {"index": ["--corpus.data_files", "null", "--corpus.dataset", "MedRAG/textbooks", "--corpus.text_fields",
+                      "[content]", "--corpus.title_field", "title", "--corpus.id_field", "id"],
+            "fit": ["--data.init_args.data_files", "null"],
+            "test": ["--data.init_args.local_dir", "null"]}
+
+
+def medadapt(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "medadapt", *args]
+    log.info("study: %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, env=os.environ.copy())
+
+
+def train(chain: str, stages: list, work: Path) -> None:
+    from medadapt.multistep import run
+
+    run(stages, str(work / chain))
+
+
+def method_args(method: str, work: Path, rag: dict, in_4bit: bool) -> list[str]:
+    args = ["--model.lora", "null", "--model.model.load_in_4bit", str(in_4bit).lower()]
+    if method in ("sft", "sft_rag"):
+        args += ["--model.init_adapter", str(work / "sft" / "sft" / "adapter")]
+    if method == "cpt_sft":
+        args += ["--model.model.name_or_path", str(work / "cpt_sft" / "cpt-merged"),
+                 "--model.init_adapter", str(work / "cpt_sft" / "sft" / "adapter")]
+    if method in ("rag", "sft_rag"):
+        args += ["--data.init_args.rag", json.dumps(rag)]
+    return args
+
+
+def run_study(a) -> Path:
+    from dataclasses import asdict
+
+    from medadapt.eval.compare import main as compare
+    from medadapt.multistep import Stage
+    from medadapt.rag.cli import build_parser as rag_parser
+    from medadapt.rag.cli import index_main
+
+    unknown = set(a.methods) - set(METHODS)
+    if unknown or a.baseline not in a.methods:
+        raise ValueError(f"methods must be among {METHODS} and include the baseline {a.baseline!r}")
+    work = Path(a.work_dir)
+    hub = hub_overrides(a.shared_data)
+    train_args = list(a.train_args) + hub["fit"]
+    rag = asdict(a.rag)
+    if {"rag", "sft_rag"} & set(a.methods):
+        index_args = ["--config", a.index_config, *hub["index"]]
+        index = rag_parser("index").parse_args(index_args).index
+        rag.update(index_dir=index.dir, store=index.store, qdrant_url=index.qdrant_url)
+        index_main(index_args)  # in-process: indexing never launches DDP workers
+    if {"sft", "sft_rag"} & set(a.methods):
+        train("sft", [Stage("sft", a.sft_config, train_args)], work)
+    if "cpt_sft" in a.methods:
+        train("cpt_sft", [Stage("cpt", a.cpt_config, train_args),
+                          Stage("sft", a.sft_config, train_args, from_previous=True)], work)
+    runs = []
+    for method in a.methods:
+        results = work / "results" / method
+        if not (results / "results.json").exists():
+            medadapt(["test", "--config", a.eval_config, *a.eval_args, *hub["test"],
+                      "--model.results_dir", str(results), *method_args(method, work, rag, a.eval_in_4bit)])
+        runs.append(f"{method}={results}")
+    compare([*runs, "--baseline", a.baseline, "--out", str(work / "comparison")])
+    return work / "comparison.md"
+
+
+def main(argv: list[str]) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
+    run_study(p.instantiate_classes(args))

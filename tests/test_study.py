@@ -1,0 +1,109 @@
+"""The whole study on a tiny model: index, SFT, CPT → SFT, five evaluations, the comparison; then nothing
+is redone on a second run. It also checks the CPT → SFT chain: stage 2 trains on stage 1's merged weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import yaml
+
+from medadapt.data.benchmarks import TASKS
+
+from .conftest import DATA, REPO
+from .test_export import logits
+
+METHODS = ["base", "rag", "sft", "cpt_sft", "sft_rag"]
+
+
+def fit_config(model: str, data: dict) -> dict:
+    return {
+        "seed_everything": 1,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 1, "log_every_n_steps": 1,
+                    "num_sanity_val_steps": 0, "limit_val_batches": 1, "enable_progress_bar": False},
+        "model": {"model": {"name_or_path": model, "load_in_4bit": True, "compute_dtype": "float32"},
+                  "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                  "optim": {"lr": 5e-2, "warmup_steps": 0, "fused": False}},
+        "data": data,
+    }
+
+
+def write_configs(tmp_path, model: str, sft_file: str) -> None:
+    configs = {
+        "cpt.yaml": fit_config(model, {"class_path": "medadapt.data.textbooks.TextbooksDataModule", "init_args": {
+            "data_files": str(DATA / "corpus" / "textbooks_sample.json"), "block_size": 128, "max_docs": 12,
+            "val_fraction": 0.1, "batch_size": 2}}),
+        "sft.yaml": fit_config(model, {"class_path": "medadapt.data.reasoning.ReasoningSFTDataModule", "init_args": {
+            "data_files": sft_file, "max_length": 256, "val_fraction": 0.125, "batch_size": 2}}),
+        "eval.yaml": {"trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False},
+                      "model": {"model": {"name_or_path": model, "compute_dtype": "float32",
+                                          "gradient_checkpointing": False}},
+                      "data": {"class_path": "medadapt.data.benchmarks.BenchmarkDataModule",
+                               "init_args": {"local_dir": str(DATA / "benchmarks"), "limit": 2, "batch_size": 4}}},
+        "rag.yaml": {"corpus": {"data_files": str(DATA / "corpus" / "medquad.jsonl"), "text_fields": ["answer"],
+                                "title_field": "focus", "max_docs": 24},
+                     "index": {"dir": "index", "chunk_size": 16}, "model": {"name_or_path": model}},
+        "study.yaml": {"work_dir": "study", "methods": METHODS, "baseline": "base", "index_config": "rag.yaml",
+                       "sft_config": "sft.yaml", "cpt_config": "cpt.yaml", "eval_config": "eval.yaml",
+                       "rag": {"top_k": 2, "max_context_tokens": 128}, "shared_data": str(DATA)},
+    }
+    for name, cfg in configs.items():
+        (tmp_path / name).write_text(yaml.safe_dump(cfg))
+
+
+def run_study(tmp_path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "medadapt", "study", "--config", "study.yaml"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def snapshot(root) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "comparison" not in p.name}
+
+
+def test_study_end_to_end_then_reuses_everything(tiny_qwen, short_sft_file, tmp_path):
+    write_configs(tmp_path, tiny_qwen, short_sft_file)
+    out = run_study(tmp_path)
+    work = tmp_path / "study"
+    table = (work / "comparison.md").read_text()
+    assert table in out  # printed and written
+    header = table.splitlines()[0]
+    assert header.split(" | ")[1:-1] == sorted(TASKS)  # nine task columns (+ method, macro avg)
+    for method in METHODS:
+        assert sum(line.startswith(f"| {method} | ") and line.count("[") == 9 for line in table.splitlines()) == 1
+    assert (work / "comparison.png").stat().st_size > 1000
+    for method in ("rag", "sft_rag"):
+        preds = [json.loads(line) for line in open(work / "results" / method / "predictions.jsonl")]
+        assert len(preds) == 18 and all(p["retrieved_ids"] for p in preds)
+    sft_results = json.loads((work / "results" / "sft_rag" / "results.json").read_text())
+    assert sft_results["adapter"].endswith("sft/sft/adapter")
+
+    # CPT → SFT: the SFT stage ran on the merged folder, and that folder is nf4 base + CPT adapter
+    merged = "study/cpt_sft/cpt-merged"
+    chain = work / "cpt_sft"
+    assert yaml.safe_load((chain / "sft" / "config.yaml").read_text())["model"]["model"]["name_or_path"] == merged
+    ckpt = torch.load(chain / "sft" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["model"]["name_or_path"] == merged
+    from peft import PeftModel
+
+    from medadapt.model import ModelConfig, load_model
+
+    base = load_model(ModelConfig(name_or_path=tiny_qwen, load_in_4bit=True, compute_dtype="float32",
+                                  gradient_checkpointing=False), None, training=False)
+    stage_one = PeftModel.from_pretrained(base, str(chain / "cpt" / "adapter")).eval()
+    x = torch.randint(0, 5000, (1, 16))
+    with torch.no_grad():
+        expected = stage_one(input_ids=x).logits
+    merged_logits = logits(str(tmp_path / merged), x)
+    assert (merged_logits - expected).abs().max() < 1e-5
+    assert (merged_logits - logits(tiny_qwen, x, load_in_4bit=True)).abs().max() > 1e-3  # CPT moved the weights
+
+    before = snapshot(tmp_path)
+    again = run_study(tmp_path)
+    assert table in again
+    assert snapshot(tmp_path) == before  # wrote nothing: no embedding, no training, no evaluation
