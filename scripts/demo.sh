@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Install (idempotent) and run the offline demo: QLoRA SFT of the packaged SmolLM2-135M-Instruct on
-# the medical-o1-reasoning sample in ../shared/data, on CPU, no network.
+# Install (idempotent) and run the whole study offline on CPU with the packaged SmolLM2-135M-Instruct:
+# RAG index, SFT, CPT→SFT, then base / RAG / SFT / CPT→SFT / SFT+RAG on the nine leaderboard tasks,
+# ending with the comparison table (results/demo-study/comparison.md) and chart (comparison.png).
+# About 45 minutes on 2 cores; re-running reuses everything already built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/python -m medadapt fit --config configs/demo/sft.yaml "$@"
-echo "adapter: checkpoints/demo-sft/adapter   logs: tensorboard --logdir lightning_logs"
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+.venv/bin/python -m medadapt study --config configs/demo/study.yaml "$@"
+echo "table: results/demo-study/comparison.md   chart: results/demo-study/comparison.png   logs: tensorboard --logdir lightning_logs"
