@@ -52,6 +52,16 @@ def build_model_dir(arch: dict) -> str:
     return str(path)
 
 
+def matmul_params(arch: dict) -> int:
+    """Weights that take part in matmuls (decoder projections + LM head; the embedding lookup is free).
+    Counted from the config: 4-bit parameters report packed sizes."""
+    d, i = arch["hidden_size"], arch["intermediate_size"]
+    head_dim = d // arch["num_attention_heads"]
+    kv = arch["num_key_value_heads"] * head_dim
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * i  # q, o; k, v; gate, up, down
+    return arch["num_hidden_layers"] * per_layer + arch["vocab_size"] * d
+
+
 def peak_tflops() -> float | None:
     if not torch.cuda.is_available():
         return None
@@ -139,10 +149,9 @@ def main() -> None:
     torch.nn.Module.__init__(holder)
     holder.model = model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    n_params = sum(p.numel() for p in model.parameters())  # 4-bit weights count as packed bytes: use the config
-    n_params = 12 * arch["num_hidden_layers"] * arch["hidden_size"] ** 2 + 2 * arch["vocab_size"] * arch["hidden_size"]
+    n_params = matmul_params(arch)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (not a GPU run)'}; "
-          f"model ≈ {n_params / 1e9:.2f}B params (4-bit nf4 + LoRA r16), compute {dtype}")
+          f"{n_params / 1e9:.2f}B matmul params (4-bit nf4 + LoRA r16), compute {dtype}")
     ratios = {}
     for seq in seqs:
         flops = 6 * n_params + 12 * arch["num_hidden_layers"] * arch["hidden_size"] * seq
