@@ -113,9 +113,12 @@ def run_study(a) -> Path:
     runs = []
     for method in a.methods:
         results = work / "results" / method
-        if not (results / "results.json").exists():
-            medadapt(["test", "--config", a.eval_config, *a.eval_args, *hub["test"],
-                      "--model.results_dir", str(results), *method_args(method, work, rag, a.eval_in_4bit)])
+        args = ["test", "--config", a.eval_config, *a.eval_args, *hub["test"], "--model.results_dir", str(results),
+                *method_args(method, work, rag, a.eval_in_4bit)]
+        done = results / "study_command.json"  # reuse a result only if the same command produced it
+        if not (results / "results.json").exists() or not done.exists() or json.loads(done.read_text()) != args:
+            medadapt(args)
+            done.write_text(json.dumps(args))
         runs.append(f"{method}={results}")
     compare([*runs, "--baseline", a.baseline, "--out", str(work / "comparison")])
     return work / "comparison.md"
