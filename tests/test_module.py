@@ -127,3 +127,31 @@ def test_adapter_export_loads_with_peft(tiny_qwen, short_sft_file, tmp_path):
         plain = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32)(input_ids=ids).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain, ref, atol=1e-4), "training changed nothing: the export check would be vacuous"
+
+
+def test_cpt_trains_embeddings_and_head_at_their_own_learning_rate(tiny_qwen, tmp_path):
+    """lora.modules_to_save + optim.embedding_lr: embeddings and LM head train in full, in their own
+    parameter group (Unsloth's CPT recipe), next to the LoRA tensors at the main learning rate."""
+    from medadapt.data.textbooks import TextbooksDataModule
+    from medadapt.model import LoraConfig, ModelConfig
+    from medadapt.module import OptimConfig
+
+    from .conftest import DATA
+
+    module = CausalLMModule(model=ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32",
+                                              gradient_checkpointing=False),
+                            lora=LoraConfig(r=8, alpha=16, dropout=0.0, modules_to_save=["embed_tokens", "lm_head"]),
+                            optim=OptimConfig(lr=1e-3, embedding_lr=1e-4, warmup_steps=0, fused=False))
+    data = TextbooksDataModule(data_files=str(DATA / "corpus" / "textbooks_sample.json"), max_docs=8, block_size=64,
+                               val_fraction=0.0, batch_size=2)
+    trainer = tiny_trainer(tmp_path, max_steps=2)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if "modules_to_save" in n}
+    trainer.fit(module, data)
+    groups = trainer.optimizers[0].param_groups
+    embed_group = [g for g in groups if g["initial_lr"] == 1e-4]
+    assert len(embed_group) == 1 and all(g["initial_lr"] == 1e-3 for g in groups if g is not embed_group[0])
+    saved = {id(p) for n, p in module.named_parameters() if "modules_to_save" in n}
+    assert {id(p) for p in embed_group[0]["params"]} == saved and len(saved) == 2
+    after = dict(module.named_parameters())
+    assert all(not torch.equal(before[n], after[n]) for n in before)  # both trained
