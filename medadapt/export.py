@@ -18,7 +18,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from medadapt.model import ModelConfig, load_model, load_tokenizer, resolve_dtype
 
@@ -83,6 +82,3 @@ def main(argv: list[str]) -> None:
     out = export(base, args.adapter, args.out, args.dtype)
     print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main(__import__("sys").argv[1:])
