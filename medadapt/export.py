@@ -18,7 +18,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
-
 from medadapt.model import ModelConfig, load_model, load_tokenizer, resolve_dtype
 
 log = logging.getLogger(__name__)
