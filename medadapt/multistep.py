@@ -13,7 +13,6 @@ Re-running after a crash: a stage with a ``DONE.json`` is skipped, an unfinished
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -58,7 +57,6 @@ def merged_dtype(compute_dtype: str) -> str:
 def stage_config(stage: Stage, stage_dir: Path, base_override: Optional[str]) -> dict:
     """The stage's fit config, pointed at its own folders (and at the previous stage's weights)."""
     cfg = yaml.safe_load(Path(stage.config).read_text())
-    cfg = copy.deepcopy(cfg)
     trainer = cfg.setdefault("trainer", {})
     callbacks = [c for c in trainer.get("callbacks") or []
                  if not str(c.get("class_path", "")).endswith("ModelCheckpoint")]
