@@ -15,6 +15,34 @@ from medadapt.module import CausalLMModule
 
 
 class MedAdaptCLI(LightningCLI):
+    """LightningCLI where explicit settings win over a checkpoint's, and no checkpoint runs a pickle.
+
+    Stock LightningCLI parses ``--ckpt_path``'s hyperparameters over the config, so a checkpoint silently
+    replaced ``results_dir``, ``adapter_dir``, the LoRA shape and the base model given on the command line.
+    Here the config stands; the module checks the checkpoint against it (same base, same LoRA shape: an
+    error otherwise) and takes from it only what the config leaves open (``model.load_in_4bit: null``).
+    Checkpoints load with ``weights_only=True``, and URLs are refused: Lightning would unpickle them.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        from medadapt.module import checkpoint_record
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "hpc", "registry"):
+            checkpoint_record(ckpt_path)  # refuses URLs; names a missing file before any model loads
+        self._ckpt_path = ckpt_path if ckpt_path not in ("last", "hpc", "registry") else None
+        if subcommand and "weights_only" in self.config[subcommand]:
+            if self.config[subcommand]["weights_only"] is False:
+                raise ValueError("weights_only: false would let a checkpoint run arbitrary code; medadapt "
+                                 "checkpoints hold plain tensors and load with weights_only: true")
+            self.config[subcommand]["weights_only"] = True
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if getattr(self, "_ckpt_path", None) and hasattr(self.model, "expected_ckpt_path"):
+            self.model.expected_ckpt_path = self._ckpt_path  # build once, for this checkpoint
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(
             {

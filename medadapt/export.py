@@ -6,7 +6,10 @@ throws most of a small LoRA update away: the known quality trap. Here the base i
 was trained (same nf4 settings), dequantized to full precision (transformers' ``dequantize()``), and the
 adapter is added to those dense weights. The result is what the trained model computed, in plain
 safetensors that any ``transformers`` (or vLLM, TGI, llama.cpp converter) loads without bitsandbytes.
-For the next stage of the multi-step method it is simply re-quantized on load.
+An adapter trained on top of base adapters (the SFT stage of CPT→SFT) is merged after them, in order.
+
+The merged folder is for serving, not for training on in 4-bit: re-quantizing it snaps the merged
+weights back to the nf4 grid and erases most of a small update (why CPT→SFT stacks adapters instead).
 """
 
 from __future__ import annotations
@@ -18,48 +21,51 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
-from medadapt.model import ModelConfig, load_model, load_tokenizer, resolve_dtype
+from medadapt.model import (ModelConfig, add_adapter, check_base_adapter, load_base, load_tokenizer,
+                            read_adapter_metadata, resolve_dtype, resolve_model_config)
 
 log = logging.getLogger(__name__)
 
 
-def merged_model(base: ModelConfig, adapter_dir: str, dtype: str = "float32"):
-    """The base with the adapter merged, unquantized, in ``dtype``.
+def merged_model(base: ModelConfig, adapter_dir: Optional[str], dtype: str = "float32"):
+    """The base with ``base.base_adapters`` and then the adapter merged, unquantized, in ``dtype``.
 
-    ``base.load_in_4bit`` says how the adapter was trained: true (QLoRA) merges into the dequantized
-    nf4 weights it was trained against; false merges into the base weights as stored.
+    Open choices of ``base`` (null ``load_in_4bit`` / ``base_adapters``) are settled from the adapter's
+    metadata, as the test stage settles them, so the export is the model that was evaluated. A 4-bit
+    (QLoRA) base is merged into the dequantized nf4 weights it was trained against; an unquantized one
+    into the base weights as stored.
     """
-    from peft import PeftModel
-
-    if not (Path(adapter_dir) / "adapter_config.json").exists():
-        raise FileNotFoundError(f"no PEFT adapter at {adapter_dir} (adapter_config.json missing); a fit run "
-                                "exports one to <checkpoint dir>/adapter (model.adapter_dir)")
+    trained = (read_adapter_metadata(adapter_dir) or {}).get("base") if adapter_dir else None
+    cfg = resolve_model_config(base, trained, f"adapter {adapter_dir}", training=False)
     target = resolve_dtype(dtype)
-    cfg = replace(base, compute_dtype=dtype, gradient_checkpointing=False)
-    model = load_model(cfg, None, training=False)
-    if base.load_in_4bit:
+    model = load_base(replace(cfg, compute_dtype=dtype, gradient_checkpointing=False), training=False)
+    if cfg.load_in_4bit:
         model = model.dequantize()
         # norms and embeddings come from the checkpoint in their own dtype: one dtype for the export
         model = model.to(target)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.config.use_cache = True
-    merged.eval()
-    return merged
+    for i, path in enumerate([*cfg.base_adapters, *([adapter_dir] if adapter_dir else [])]):
+        if i < len(cfg.base_adapters):
+            check_base_adapter(path, cfg, cfg.base_adapters[:i])
+        model = add_adapter(model, path, "default", trainable=False).merge_and_unload()
+    model.config.use_cache = True
+    model.eval()
+    return model, cfg
 
 
 def export(base: ModelConfig, adapter_dir: Optional[str], out_dir: str, dtype: str = "bfloat16") -> Path:
     """Write ``out_dir``: model safetensors, tokenizer, and ``medadapt_export.json`` (what it was made from)."""
     out = Path(out_dir)
-    if adapter_dir is None:
-        model = load_model(replace(base, load_in_4bit=False, compute_dtype=dtype), None, training=False)
+    if adapter_dir is None and not base.base_adapters:
+        cfg = replace(base, load_in_4bit=False, compute_dtype=dtype, base_adapters=[])
+        model = load_base(cfg, training=False)
     else:
-        model = merged_model(base, adapter_dir, dtype)
+        model, cfg = merged_model(base, adapter_dir, dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(base).save_pretrained(out)
     (out / "medadapt_export.json").write_text(json.dumps(
-        {"base": asdict(base), "adapter": adapter_dir, "dtype": dtype}, indent=2))
-    log.info("exported %s + %s → %s", base.name_or_path, adapter_dir, out)
+        {"base": asdict(cfg), "adapter": adapter_dir, "dtype": dtype}, indent=2))
+    log.info("exported %s + %s → %s", base.name_or_path, [*cfg.base_adapters, adapter_dir], out)
     return out
 
 
@@ -68,15 +74,21 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--base", required=True, help="base model: hub id, local folder or packaged name")
     ap.add_argument("--adapter", help="PEFT adapter folder (e.g. checkpoints/sft/adapter); omit to export the base")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--trained_in_4bit", default="true", choices=["true", "false"],
-                    help="whether the adapter was trained on the nf4 base (QLoRA, the default) or unquantized")
+    ap.add_argument("--trained_in_4bit", default=None, choices=["true", "false"],
+                    help="whether the adapter was trained on the nf4 base (QLoRA) or unquantized; default: as "
+                         "its medadapt_adapter.json records")
     ap.add_argument("--quant_type", default="nf4", help="4-bit type used in training (nf4 | fp4)")
     ap.add_argument("--double_quant", default="true", choices=["true", "false"])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="dtype of the written weights")
     ap.add_argument("--trust_remote_code", action="store_true")
     args = ap.parse_args(argv)
-    base = ModelConfig(name_or_path=args.base, load_in_4bit=args.trained_in_4bit == "true", quant_type=args.quant_type,
+    in_4bit = None if args.trained_in_4bit is None else args.trained_in_4bit == "true"
+    if in_4bit is None and args.adapter and "load_in_4bit" not in ((read_adapter_metadata(args.adapter) or {})
+                                                                   .get("base") or {}):
+        raise SystemExit(f"{args.adapter} does not record how it was trained (no medadapt_adapter.json): "
+                         "say --trained_in_4bit true (QLoRA) or false")
+    base = ModelConfig(name_or_path=args.base, load_in_4bit=in_4bit, quant_type=args.quant_type,
                        double_quant=args.double_quant == "true", trust_remote_code=args.trust_remote_code)
     out = export(base, args.adapter, args.out, args.dtype)
     print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")

@@ -13,7 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -36,7 +36,13 @@ class ModelConfig:
             packaged offline name (``smollm2-135m-instruct``, converted once to a HF folder in
             ``$MEDADAPT_CACHE``, default ``~/.cache/medadapt``).
         revision: Hub revision (branch, tag or commit) to pin; ignored for local folders.
-        load_in_4bit: Quantize linear layers to 4-bit with bitsandbytes (QLoRA).
+        base_adapters: PEFT adapters applied, frozen, on top of the base weights before anything else
+            is trained or evaluated: how CPT→SFT trains its SFT LoRA on base + CPT update without
+            re-quantizing a merged model (which would erase most of the update). Null: those an
+            adapter or checkpoint being loaded was trained on (from its metadata), else none.
+        load_in_4bit: Quantize linear layers to 4-bit with bitsandbytes (QLoRA). Null: as the adapter or
+            checkpoint being loaded was trained (from its metadata), else true for training and false
+            for inference on the plain base.
         quant_type: bitsandbytes 4-bit data type: ``nf4`` or ``fp4``.
         double_quant: Quantize the quantization constants too (saves ~0.4 bits/parameter).
         compute_dtype: dtype of 4-bit matmuls and of non-quantized weights: ``bfloat16``,
@@ -49,7 +55,8 @@ class ModelConfig:
 
     name_or_path: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
     revision: Optional[str] = None
-    load_in_4bit: bool = True
+    base_adapters: Optional[list[str]] = None
+    load_in_4bit: Optional[bool] = None
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "auto"
@@ -170,10 +177,93 @@ def disable_bnb_cpu_repacking(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_model(cfg: ModelConfig, lora: Optional[LoraConfig] = None, *, training: bool = True):
-    """Load the base model (4-bit if configured), then attach a fresh LoRA adapter when ``lora`` is given."""
+ADAPTER_METADATA = "medadapt_adapter.json"
+#: ModelConfig fields that say which weights an adapter was trained against
+TRAINED_ON = ("name_or_path", "revision", "base_adapters", "load_in_4bit", "quant_type", "double_quant")
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter or checkpoint used with a base model (or LoRA shape) it was not trained on."""
+
+
+def write_adapter_metadata(adapter_dir: str, cfg: ModelConfig, lora: Optional[LoraConfig]) -> None:
+    """Record beside an exported adapter which base (and quantization, and base adapters) it was trained on,
+    so evaluation and export rebuild exactly those weights instead of trusting a config to repeat them."""
+    import json
+
+    meta = {"base": {k: getattr(cfg, k) for k in TRAINED_ON}, "lora": asdict(lora) if lora else None}
+    Path(adapter_dir, ADAPTER_METADATA).write_text(json.dumps(meta, indent=2))
+
+
+def read_adapter_metadata(adapter_dir: str) -> Optional[dict]:
+    """medadapt's record of an adapter's base, or a minimal one from PEFT's own ``adapter_config.json``."""
+    import json
+
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(f"no PEFT adapter at {adapter_dir} (adapter_config.json missing); a fit run "
+                                "exports one to <checkpoint dir>/adapter (model.adapter_dir)")
+    if (path / ADAPTER_METADATA).exists():
+        return json.loads((path / ADAPTER_METADATA).read_text())
+    peft_cfg = json.loads((path / "adapter_config.json").read_text())
+    base = peft_cfg.get("base_model_name_or_path")
+    return {"base": {"name_or_path": base}, "lora": None} if base else None
+
+
+def same_model(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether two model names denote the same weights: equal ids, the same folder, or a local copy of a hub
+    id kept under its own name (``/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B``)."""
+    if a is None or b is None or a == b:
+        return a == b
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/").endswith("/" + b.rstrip("/")) or b.rstrip("/").endswith("/" + a.rstrip("/"))
+
+
+def _same_paths(a: list[str], b: list[str]) -> bool:
+    return [str(Path(x).resolve()) for x in a] == [str(Path(x).resolve()) for x in b]
+
+
+def resolve_model_config(cfg: ModelConfig, trained: Optional[dict], source: str, *, training: bool) -> ModelConfig:
+    """``cfg`` with its open (null) choices settled by how the weights being loaded were trained.
+
+    ``trained`` is the ``base`` record of an adapter's metadata or a checkpoint's model hparams. The base
+    model and base adapters must match it (an adapter on another base is silently wrong, not an error of
+    shapes); the quantization follows it unless the config sets one explicitly, which is logged.
+    """
+    if trained is None:
+        return replace(cfg, base_adapters=list(cfg.base_adapters or []),
+                       load_in_4bit=training if cfg.load_in_4bit is None else cfg.load_in_4bit)
+    if trained.get("name_or_path") and not same_model(cfg.name_or_path, trained["name_or_path"]):
+        raise AdapterMismatchError(
+            f"{source} was trained on base model {trained['name_or_path']!r}, but the config loads "
+            f"{cfg.name_or_path!r}; set model.name_or_path to the base it was trained on")
+    if cfg.revision is not None and trained.get("revision") not in (None, cfg.revision):
+        raise AdapterMismatchError(f"{source} was trained on revision {trained['revision']!r}, not {cfg.revision!r}")
+    trained_adapters = list(trained.get("base_adapters") or [])
+    if cfg.base_adapters is not None and not _same_paths(cfg.base_adapters, trained_adapters):
+        raise AdapterMismatchError(f"{source} was trained on top of base adapters {trained_adapters}, but the config "
+                                   f"stacks {cfg.base_adapters}; leave model.base_adapters null to use its own")
+    out = replace(cfg, base_adapters=trained_adapters, revision=cfg.revision or trained.get("revision"))
+    if "load_in_4bit" not in trained:  # an adapter from elsewhere: nothing recorded about quantization
+        return replace(out, load_in_4bit=training if cfg.load_in_4bit is None else cfg.load_in_4bit)
+    if cfg.load_in_4bit is None:
+        return replace(out, load_in_4bit=trained["load_in_4bit"], quant_type=trained.get("quant_type", cfg.quant_type),
+                       double_quant=trained.get("double_quant", cfg.double_quant))
+    if cfg.load_in_4bit != trained["load_in_4bit"]:
+        log.warning("%s was trained on a %s base but is loaded %s, as the config says: its scores are not those "
+                    "of the weights it was trained on", source, "4-bit" if trained["load_in_4bit"] else "full-precision",
+                    "in 4-bit" if cfg.load_in_4bit else "unquantized")
+    return out
+
+
+def load_base(cfg: ModelConfig, *, training: bool):
+    """The base weights alone (4-bit if configured), prepared for training when ``training``."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    if cfg.load_in_4bit is None:
+        cfg = resolve_model_config(cfg, None, "", training=training)
     dtype = resolve_dtype(cfg.compute_dtype)
     kwargs = dict(
         revision=cfg.revision,
@@ -208,10 +298,75 @@ def load_model(cfg: ModelConfig, lora: Optional[LoraConfig] = None, *, training:
         elif cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
             model.enable_input_require_grads()
+    return model
+
+
+def add_adapter(model, adapter_dir: str, name: str, *, trainable: bool):
+    """Load a saved PEFT adapter into ``model`` under ``name``; every tensor of the file must find its layer
+    and every layer its tensor (peft only warns, and a half-applied adapter scores like a broken model)."""
+    from peft import PeftConfig, PeftModel
+
+    read_adapter_metadata(adapter_dir)  # a clear error when the folder holds no adapter
+    config = PeftConfig.from_pretrained(adapter_dir)
+    config.inference_mode = not trainable
+    try:
+        if not isinstance(model, PeftModel):
+            model = PeftModel(model, config, adapter_name=name)
+        result = model.load_adapter(adapter_dir, adapter_name=name, is_trainable=trainable)
+    except (RuntimeError, ValueError) as e:  # shape mismatches, target modules the model lacks
+        raise AdapterMismatchError(f"adapter {adapter_dir} does not fit this base model: {e}") from e
+    bad = list(result.missing_keys) + list(result.unexpected_keys)
+    if bad:
+        raise AdapterMismatchError(f"adapter {adapter_dir} does not fit this base model: {len(result.missing_keys)} "
+                                   f"layer(s) without a tensor, {len(result.unexpected_keys)} tensor(s) without a "
+                                   f"layer, e.g. {bad[:3]}")
+    return model
+
+
+def load_model(cfg: ModelConfig, lora: Optional[LoraConfig] = None, *, adapter: Optional[str] = None,
+               training: bool = True):
+    """Base weights → optional 4-bit → the adapter being trained or evaluated (a fresh ``lora`` or a saved
+    ``adapter``, named ``default``) → ``cfg.base_adapters`` stacked under it, frozen.
+
+    Stacking instead of merging keeps a previous stage's update exact on a 4-bit base: merged and
+    re-quantized, ``nf4(dequant(nf4(W)) + ΔW)`` snaps back to the old grid and keeps ~1% of a typical
+    CPT update (README, "CPT→SFT"). The fresh LoRA is created before the base adapters are loaded, so it
+    draws the same initial weights as it would on the plain base.
+    """
+    if lora is not None and adapter is not None:
+        raise ValueError("give a fresh lora or a saved adapter, not both")
+    if cfg.load_in_4bit is None or cfg.base_adapters is None:
+        cfg = resolve_model_config(cfg, None, "", training=training)
+    model = load_base(cfg, training=training)
     if lora is not None:
         model = attach_lora(model, lora)
+    elif adapter is not None:
+        model = add_adapter(model, adapter, "default", trainable=training)
+    names = ["default"] if lora is not None or adapter is not None else []
+    for i, path in enumerate(cfg.base_adapters):
+        check_base_adapter(path, cfg, cfg.base_adapters[:i])
+        model = add_adapter(model, path, f"base{i}", trainable=False)
+        names.append(f"base{i}")
+    if len(names) > 1:
+        model.base_model.set_adapter(names)  # all active (their outputs add up); peft marks all trainable
+        for name, p in model.named_parameters():
+            if any(f".{n}." in name for n in names[1:]) or not training:
+                p.requires_grad_(False)
     model.train(training)
     return model
+
+
+def check_base_adapter(path: str, cfg: ModelConfig, below: list[str]) -> None:
+    """A base adapter must have been trained on this base model, on top of the adapters stacked below it."""
+    meta = (read_adapter_metadata(path) or {}).get("base") or {}
+    if meta.get("name_or_path") and not same_model(meta["name_or_path"], cfg.name_or_path):
+        raise AdapterMismatchError(f"base adapter {path} was trained on {meta['name_or_path']!r}, not {cfg.name_or_path!r}")
+    if "base_adapters" in meta and not _same_paths(meta["base_adapters"] or [], below):
+        raise AdapterMismatchError(f"base adapter {path} was trained on top of {meta['base_adapters']}, but is "
+                                   f"stacked on {below}")
+    if "load_in_4bit" in meta and meta["load_in_4bit"] != cfg.load_in_4bit:
+        log.warning("base adapter %s was trained on a %s base, but this model is loaded %s", path,
+                    "4-bit" if meta["load_in_4bit"] else "full-precision", "in 4-bit" if cfg.load_in_4bit else "unquantized")
 
 
 def attach_lora(model, lora: LoraConfig):

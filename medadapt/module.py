@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from medadapt.data.packing import IGNORE_INDEX, block_causal_mask
-from medadapt.model import LoraConfig, ModelConfig, load_model, load_tokenizer
+from medadapt.model import (TRAINED_ON, AdapterMismatchError, LoraConfig, ModelConfig, load_model, load_tokenizer,
+                            read_adapter_metadata, resolve_model_config, write_adapter_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,13 @@ class OptimConfig:
         betas: AdamW betas.
         eps: AdamW epsilon.
         warmup_steps: Optimizer steps of linear warmup from 0 to ``lr``.
+        warmup_ratio: Warmup as a fraction of all optimizer steps; replaces ``warmup_steps`` when set.
+            Packing changes the number of optimizer steps (more examples per step), so a ratio keeps a
+            recipe's warmup share where a step count would not.
         min_lr_ratio: Floor of the cosine as a fraction of ``lr``.
-        fused: Use the fused AdamW kernel where the device supports it (CUDA).
+        fused: Use the fused AdamW kernel where the device supports it (CUDA) and the precision allows
+            it: fused AdamW unscales fp16 gradients itself, so with ``16-mixed`` and gradient clipping
+            (which needs unscaled gradients first) the foreach kernel is used instead.
         embedding_lr: Separate learning rate for fully trained embeddings / LM head (listed in
             ``lora.modules_to_save``); null uses ``lr``. Continual pretraining typically uses lr/10.
     """
@@ -48,6 +54,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 300
+    warmup_ratio: Optional[float] = None
     min_lr_ratio: float = 0.0
     fused: bool = True
     embedding_lr: Optional[float] = None
@@ -85,26 +92,50 @@ class CausalLMModule(L.LightningModule):
         self.model_cfg, self.lora_cfg, self.optim_cfg = model, lora, optim
         self.tokenizer = load_tokenizer(model)
         self.model = None
+        self.built_for_training: Optional[bool] = None
+        self.resolved_model_cfg: Optional[ModelConfig] = None  # the model as built (open choices settled)
+        self.lora_used: Optional[LoraConfig] = None  # the LoRA as built (a checkpoint's shape when resuming)
+        self.expected_ckpt_path: Optional[str] = None  # set by the CLI: build for this checkpoint at once
         self.strict_loading = False  # checkpoints hold only trainable tensors; the base is rebuilt
-        self._step_tokens = 0
-        self._step_loss = 0.0
-        self._step_padding = 0
-        self._step_positions = 0
+        self._step_stats: Optional[torch.Tensor] = None  # on device: summed over the micro-batches of a step
         self._step_started: Optional[float] = None
 
     # ---- model -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        lora = None if self.init_adapter_path else self.lora_cfg
-        training = not getattr(self, "_inference", False) and (self._trainer is None
-                                                                or self.trainer.state.fn in ("fit", None))
-        self.model = load_model(self.model_cfg, lora, training=training)
-        if self.init_adapter_path:
-            from peft import PeftModel
+        """Build the model for the Trainer call that runs: for training when it is ``fit`` (k-bit
+        preparation, gradient checkpointing, trainable adapter), for inference otherwise. A model that an
+        earlier ``validate``/``test`` built for inference is rebuilt when ``fit`` follows."""
+        training = self._trainer is None or self.trainer.state.fn in ("fit", None)
+        if self.model is None or (training and not self.built_for_training):
+            self.build_model(training=training, ckpt_path=self.expected_ckpt_path)
 
-            self.model = PeftModel.from_pretrained(self.model, self.init_adapter_path, is_trainable=training)
-        if self.lora_cfg is not None and rank_zero():
+    def build_model(self, *, training: bool, ckpt_path: Optional[str] = None) -> None:
+        """Load base (+ quantization) + base adapters + the adapter to train or evaluate.
+
+        Choices the config leaves open (``load_in_4bit``, ``base_adapters``: null) follow the weights being
+        loaded: the metadata written beside an exported adapter, or a checkpoint's record. The base model and
+        LoRA shape must agree with them: a mismatch is an error, never a silent switch.
+        """
+        record = checkpoint_record(ckpt_path) if ckpt_path else None
+        cfg, lora = self.settle(record, f"checkpoint {ckpt_path}", training=training)
+        self._load(cfg, lora, training)
+
+    def settle(self, record: Optional[dict], source: str, *, training: bool) -> tuple[ModelConfig, Optional[LoraConfig]]:
+        """The model config and LoRA to build, given what a checkpoint (``record``) was trained with."""
+        trained, lora = None, self.lora_cfg
+        if self.init_adapter_path:
+            meta = read_adapter_metadata(self.init_adapter_path) or {}
+            trained, source, lora = meta.get("base"), f"adapter {self.init_adapter_path}", None
+        elif record is not None:
+            trained, lora = record["base"], checked_lora(self.lora_cfg, record["lora"], source)
+        elif not training:
+            lora = None  # evaluating the plain base: a fresh (zero) LoRA would change nothing
+        return resolve_model_config(self.model_cfg, trained, source, training=training), lora
+
+    def _load(self, cfg: ModelConfig, lora: Optional[LoraConfig], training: bool) -> None:
+        self.model = load_model(cfg, lora, adapter=self.init_adapter_path, training=training)
+        self.resolved_model_cfg, self.lora_used, self.built_for_training = cfg, lora, training
+        if training and rank_zero():
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in self.model.parameters())
             log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -122,72 +153,87 @@ class CausalLMModule(L.LightningModule):
                          use_cache=False)
         return out.logits
 
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Summed next-token cross-entropy over supervised tokens, and their count."""
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over supervised tokens, and their count (both on device)."""
         logits = self(batch)[:, :-1].float()
         targets = batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, int((targets != IGNORE_INDEX).sum())
+        return loss, (targets != IGNORE_INDEX).sum()
 
     # ---- training --------------------------------------------------------------------------------
+    #: per optimizer step, summed over micro-batches and ranks (kept on device until the step)
+    STEP_STATS = ("tokens", "loss_sum", "padding", "positions", "examples")
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self._step_started is None:
             self._step_started = time.perf_counter()
         loss, n = self.loss_sum(batch)
-        self._step_tokens += n
-        self._step_loss += float(loss.detach())
-        self._step_padding += int((batch["segment_ids"] == 0).sum())
-        self._step_positions += batch["segment_ids"].numel()
+        segments = batch["segment_ids"]
+        stats = torch.stack([n.double(), loss.detach().double(), (segments == 0).sum().double(),
+                             torch.tensor(segments.numel(), dtype=torch.float64, device=segments.device),
+                             segments.amax(dim=1).sum().double()])  # segments are numbered 1..k per row
+        self._step_stats = stats if self._step_stats is None else self._step_stats + stats
         # Lightning divides this by accumulate_grad_batches; on_before_optimizer_step undoes that.
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        totals = torch.tensor([self._step_tokens, self._step_loss, self._step_padding, self._step_positions],
-                              dtype=torch.float64, device=self.device)
-        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        tokens, loss_sum, padding, positions = totals.tolist()
+        """Rescale the step's gradients to a token-weighted mean and log the step (one host sync per step)."""
+        totals = self.trainer.strategy.reduce(self._step_stats, reduce_op="sum")
+        tokens, loss_sum, padding, positions, examples = totals.tolist()
         # DDP averages gradients over ranks and Lightning divided each micro-batch loss by
         # accumulate_grad_batches: both factors come back, then divide by the step's token count.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(tokens, 1.0)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
+        metrics = {}
         if grads:
             torch._foreach_mul_(grads, scale)
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+            norms = torch._foreach_norm([g.float() for g in grads])
+            metrics["train/grad_norm"] = float(torch.linalg.vector_norm(torch.stack(norms)))
         elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
-        self.log_dict(
-            {
-                "train/loss": loss_sum / max(tokens, 1.0),
-                "train/lr": optimizer.param_groups[0]["lr"],
-                "train/tokens_per_s": positions / elapsed if elapsed > 0 else 0.0,
-                "train/supervised_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                "train/supervised_fraction": tokens / max(positions, 1.0),
-                "train/padding_fraction": padding / max(positions, 1.0),
-            },
-            on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True, sync_dist=False,
-        )
-        self.log("loss", loss_sum / max(tokens, 1.0), prog_bar=True, on_step=True, on_epoch=False, logger=False)
-        self.last_step_loss = loss_sum / max(tokens, 1.0)
-        self._step_tokens, self._step_loss, self._step_padding, self._step_positions = 0, 0.0, 0, 0
-        self._step_started = None
+        loss = loss_sum / max(tokens, 1.0)
+        metrics.update({
+            "train/loss": loss,
+            "train/lr": optimizer.param_groups[0]["lr"],
+            "train/examples_per_step": examples,
+            "train/tokens_per_step": positions - padding,
+            "train/supervised_tokens_per_step": tokens,
+            "train/tokens_per_s": (positions - padding) / elapsed if elapsed > 0 else 0.0,
+            "train/supervised_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "train/supervised_fraction": tokens / max(positions, 1.0),
+            "train/padding_fraction": padding / max(positions, 1.0),
+        })
+        step = self.trainer.global_step + 1  # this optimizer step's number, as in the checkpoint names
+        if step == 1 or step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self.log_at_step(metrics, step)
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        self.last_step_loss = loss
+        self._step_stats, self._step_started = None, None
+
+    def log_at_step(self, metrics: dict[str, float], step: int) -> None:
+        """Write to every logger at the optimizer step the numbers belong to. (``self.log`` from inside
+        the step writes at Lightning's counter, which increments after the hooks: one step early.)"""
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=step)
 
     # ---- validation ------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = [0.0, 0]
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n = self.loss_sum(batch)
-        self._val_sums[0] += float(loss)
-        self._val_sums[1] += n
+        self._val_sums += torch.stack([loss.double(), n.double()])
 
     def on_validation_epoch_end(self) -> None:
         """Token-weighted over the whole validation set and every rank (plain sums: no state to leak
         between inference-mode and no-grad runs, which a torchmetrics state tensor would)."""
-        totals = torch.tensor(self._val_sums, dtype=torch.float64, device=self.device)
-        loss_sum, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        loss_sum, tokens = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
         if tokens:
-            self.log("val/loss", loss_sum / tokens, prog_bar=True, rank_zero_only=True)
+            in_fit = self.trainer.state.fn == "fit"
+            self.log("val/loss", loss_sum / tokens, prog_bar=True, rank_zero_only=True, logger=not in_fit)
+            if in_fit:  # after N optimizer steps: logged at step N, beside that step's train/loss
+                self.log_at_step({"val/loss": loss_sum / tokens}, self.trainer.global_step)
 
     # ---- test: leaderboard benchmarks -------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
@@ -234,8 +280,8 @@ class CausalLMModule(L.LightningModule):
         self.log("test/macro_avg_acc", summary["macro_avg_acc"], rank_zero_only=True)
         if self.trainer.is_global_zero:
             dm = self.trainer.datamodule
-            meta = {"model": self.hparams.model, "lora": self.hparams.lora, "adapter": self.init_adapter_path,
-                    "ckpt_path": self.trainer.ckpt_path, "data": dict(dm.hparams),
+            meta = {"model": asdict(self.resolved_model_cfg), "lora": asdict(self.lora_used) if self.lora_used else None,
+                    "adapter": self.init_adapter_path, "ckpt_path": self.trainer.ckpt_path, "data": dict(dm.hparams),
                     "data_fingerprint": fingerprint(dm.items)}
             path = write_results(self.hparams.results_dir, summary, records, meta)
             log.info("results: %s (macro acc %.4f over %d items)", path, summary["macro_avg_acc"], summary["n"])
@@ -244,7 +290,7 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         decay, no_decay, embeds = [], [], []
-        save_names = tuple(self.lora_cfg.modules_to_save or []) if self.lora_cfg else ()
+        save_names = tuple(self.lora_used.modules_to_save or []) if self.lora_used else ()
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
@@ -258,11 +304,29 @@ class CausalLMModule(L.LightningModule):
         if embeds:
             groups.append({"params": embeds, "weight_decay": 0.0, "lr": cfg.embedding_lr})
         groups = [g for g in groups if g["params"]]
-        fused = cfg.fused and all(p.is_cuda for g in groups for p in g["params"])
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+        params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                      fused=use_fused(cfg.fused, params, self.trainer) or None)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
+        warmup = resolve_warmup(cfg, total)
+        log.info("schedule: %d optimizer steps, %d of warmup (%.1f%%)", total, warmup, 100 * warmup / total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, cfg.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning refuses to clip for any fused optimizer under mixed precision, though only fp16's grad
+        scaler makes that wrong. Without a scaler (bf16-mixed, 32-true) the gradients are plain: clip here."""
+        from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and _optimizer_handles_unscaling(optimizer):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -270,6 +334,9 @@ class CausalLMModule(L.LightningModule):
         every rank's RNG state, so LoRA dropout after a resume draws the masks it would have drawn."""
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # what the tensors were trained on, settled (the hparams hold the config, with its open choices)
+        checkpoint["medadapt"] = {"base": {k: getattr(self.resolved_model_cfg, k) for k in TRAINED_ON},
+                                  "lora": asdict(self.lora_used) if self.lora_used else None}
         checkpoint["rng"] = {"cpu": self._gather_rng(torch.get_rng_state())}
         if torch.cuda.is_available() and self.device.type == "cuda":
             checkpoint["rng"]["cuda"] = self._gather_rng(torch.cuda.get_rng_state(self.device))
@@ -279,6 +346,12 @@ class CausalLMModule(L.LightningModule):
         return (gathered if self.trainer.world_size > 1 else gathered[None]).cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint against the model built for it (Lightning restores after ``configure_model``):
+        a model built without knowing the checkpoint (``trainer.test(module, ckpt_path=…)`` from Python) is
+        rebuilt as the checkpoint requires, before its tensors are loaded."""
+        cfg, lora = self.settle(record_of(checkpoint), "checkpoint", training=bool(self.built_for_training))
+        if (cfg, lora) != (self.resolved_model_cfg, self.lora_used):
+            self._load(cfg, lora, bool(self.built_for_training))
         expected = {n for n, p in self.named_parameters() if p.requires_grad}
         missing = expected - set(checkpoint["state_dict"])
         if missing:
@@ -297,12 +370,14 @@ class CausalLMModule(L.LightningModule):
                 torch.cuda.set_rng_state(rng["cuda"][rank], self.device)
 
     def on_fit_end(self) -> None:
-        if self.lora_cfg is None and not self.init_adapter_path:
+        if self.lora_used is None and not self.init_adapter_path:
             return
         path = self.adapter_export_dir()
         if self.trainer.is_global_zero:
-            self.model.save_pretrained(path, safe_serialization=True)
+            # only the trained adapter: base adapters stay in their own folders, named by the metadata
+            self.model.save_pretrained(path, safe_serialization=True, selected_adapters=["default"])
             self.tokenizer.save_pretrained(path)
+            write_adapter_metadata(path, self.resolved_model_cfg, self.lora_used)
             log.info("exported PEFT adapter to %s", path)
         self.trainer.strategy.barrier()
 
@@ -317,25 +392,92 @@ class CausalLMModule(L.LightningModule):
 def load_for_inference(model: ModelConfig, lora: Optional[LoraConfig] = None, init_adapter: Optional[str] = None,
                        ckpt_path: Optional[str] = None) -> CausalLMModule:
     """The module with its weights ready to generate outside a Trainer (``ask``): base model, an
-    exported PEFT adapter, or a LoRA checkpoint of a fit run (``lora`` must match it)."""
-    module = CausalLMModule(model=model, lora=lora if ckpt_path else None, init_adapter=init_adapter)
-    module._inference = True
-    module.configure_model()
+    exported PEFT adapter, or a LoRA checkpoint of a fit run (its LoRA shape is read from it)."""
+    module = CausalLMModule(model=model, lora=lora, init_adapter=init_adapter)
+    module.build_model(training=False, ckpt_path=ckpt_path)
     if ckpt_path:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(checked_local(ckpt_path), map_location="cpu", weights_only=True)
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"], strict=False)
     module.model.eval()
-    if torch.cuda.is_available() and not model.load_in_4bit:
+    if torch.cuda.is_available() and not module.resolved_model_cfg.load_in_4bit:
         module.model.cuda()
     return module
+
+
+def checkpoint_record(ckpt_path: str) -> dict:
+    """What a fit checkpoint was trained on (``base``: TRAINED_ON fields; ``lora``), read without running a
+    pickle (weights_only). Checkpoints of older runs have only their config hparams."""
+    return record_of(torch.load(checked_local(ckpt_path), map_location="cpu", weights_only=True, mmap=True))
+
+
+def checked_local(ckpt_path: str) -> str:
+    """A checkpoint path that is a local file; URLs are refused (Lightning unpickles remote checkpoints with
+    weights_only=False: a checkpoint URL could run code)."""
+    if "://" in str(ckpt_path):
+        raise ValueError(f"ckpt_path {ckpt_path!r} is a URL: download it and pass the local file (a remote "
+                         "checkpoint would be unpickled with weights_only=False)")
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_path} not found")
+    return str(ckpt_path)
+
+
+def record_of(checkpoint: dict) -> dict:
+    if "medadapt" in checkpoint:
+        return checkpoint["medadapt"]
+    hparams = checkpoint.get("hyper_parameters", {})
+    base = {k: v for k, v in (hparams.get("model") or {}).items() if k in TRAINED_ON and v is not None}
+    return {"base": base or None, "lora": hparams.get("lora")}
+
+
+def checked_lora(configured: Optional[LoraConfig], saved: Optional[dict], source: str) -> Optional[LoraConfig]:
+    """The LoRA shape a checkpoint was trained with; a configured one that differs is an error."""
+    if saved is None:
+        if configured is not None:
+            raise AdapterMismatchError(f"{source} holds no LoRA adapter, but the config asks for one")
+        return None
+    trained = LoraConfig(**saved)
+    if configured is not None:
+        shape = ("r", "alpha", "target_modules", "modules_to_save")
+        diff = {k: (getattr(configured, k), getattr(trained, k)) for k in shape
+                if getattr(configured, k) != getattr(trained, k)}
+        if diff:
+            raise AdapterMismatchError(f"{source} was trained with a different LoRA: "
+                                       + ", ".join(f"{k}={t!r} (config: {c!r})" for k, (c, t) in diff.items())
+                                       + "; set model.lora to null to take the checkpoint's")
+        return replace(trained, dropout=configured.dropout)
+    return trained
+
+
+#: devices whose AdamW has a fused kernel medadapt uses
+FUSED_DEVICES = ("cuda",)
+
+
+def use_fused(requested: bool, params: list, trainer) -> bool:
+    """Fused AdamW where the device has it, unless an fp16 grad scaler and clipping are both on: fused AdamW
+    unscales inside its step, so the gradients to clip would still be scaled (Lightning refuses)."""
+    if not requested or not params or not all(p.device.type in FUSED_DEVICES for p in params):
+        return False
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and trainer.gradient_clip_val:
+        log.info("fused AdamW is off: 16-mixed precision with gradient clipping needs unscaled gradients")
+        return False
+    return True
+
+
+def resolve_warmup(cfg: OptimConfig, total_steps: int) -> int:
+    if cfg.warmup_ratio is None:
+        return cfg.warmup_steps
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    return math.ceil(cfg.warmup_ratio * total_steps)  # as transformers' TrainingArguments.warmup_ratio
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
     """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio``."""
 
     def factor(step: int) -> float:
-        if step < warmup:
+        if step < warmup:  # (warmup 0: full learning rate from the first step)
             return (step + 1) / warmup
         progress = min((step - warmup) / max(total - warmup, 1), 1.0)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

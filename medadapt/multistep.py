@@ -4,11 +4,16 @@ Each stage is an ordinary ``fit`` config. For every stage the runner writes the 
 (``<work_dir>/<stage>/config.yaml``: its own checkpoints, TensorBoard run and adapter folder, and, for a
 stage that starts from the previous one, the previous stage's merged weights as its base model) and
 runs ``python -m medadapt fit`` on it in a subprocess, so DDP and cluster launchers work per stage as
-they do alone. Between stages the adapter is merged into the dequantized nf4 base (``export.py``) and
-the next stage loads that folder, re-quantized, with a fresh LoRA.
+they do alone.
+
+How stages compose: a stage that starts from the previous one trains a fresh LoRA on the same 4-bit base
+with the previous stages' adapters stacked under it, frozen (``model.base_adapters``). Its model is
+exactly base + ΔW_previous + ΔW_own. Merging the previous adapter into the weights and re-quantizing them
+for the next stage (what this runner did first) keeps ~1% of a typical CPT update: ``nf4(dequant(nf4(W))
++ ΔW)`` snaps back to the old grid unless ΔW is large (README, "CPT→SFT").
 
 Re-running after a crash: a stage with a ``DONE.json`` is skipped, an unfinished stage resumes from its
-``last.ckpt``, a merge is redone only if its folder is incomplete.
+``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -44,18 +49,11 @@ class Stage:
     from_previous: bool = False
 
 
-def merged_dtype(compute_dtype: str) -> str:
-    import torch
+def stage_config(stage: Stage, stage_dir: Path, previous: Optional[dict]) -> dict:
+    """The stage's fit config, pointed at its own folders (and, after ``previous``, stacked on its adapters).
 
-    if compute_dtype != "auto":
-        return compute_dtype
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
-def stage_config(stage: Stage, stage_dir: Path, base_override: Optional[str]) -> dict:
-    """The stage's fit config, pointed at its own folders (and at the previous stage's weights)."""
+    ``previous`` is the previous stage's config as this runner wrote it.
+    """
     cfg = yaml.safe_load(Path(stage.config).read_text())
     trainer = cfg.setdefault("trainer", {})
     callbacks = [c for c in trainer.get("callbacks") or []
@@ -72,9 +70,15 @@ def stage_config(stage: Stage, stage_dir: Path, base_override: Optional[str]) ->
         trainer["logger"] = logger
     model = cfg.setdefault("model", {})
     model["adapter_dir"] = str(stage_dir / "adapter")
-    if base_override:
-        model.setdefault("model", {})["name_or_path"] = base_override
-        model["init_adapter"] = None  # a fresh LoRA on the merged weights
+    if previous is not None:
+        prev_model = previous["model"].get("model") or {}
+        own = model.setdefault("model", {})
+        if own.get("name_or_path", prev_model.get("name_or_path")) != prev_model.get("name_or_path"):
+            raise ValueError(f"stage {stage.name!r} ({stage.config}) trains {own['name_or_path']!r} but starts from a "
+                             f"stage trained on {prev_model.get('name_or_path')!r}: both must name the same base")
+        own["name_or_path"] = prev_model.get("name_or_path")
+        own["base_adapters"] = [*(prev_model.get("base_adapters") or []), previous["model"]["adapter_dir"]]
+        model["init_adapter"] = None  # a fresh LoRA on top of the previous stages' adapters
     return cfg
 
 
@@ -82,50 +86,48 @@ def run_stage(stage: Stage, stage_dir: Path, cfg: dict) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
     config_path = stage_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [sys.executable, "-m", "medadapt", "fit", "--config", str(config_path), *stage.args]
+    args = ["fit", "--config", str(config_path), *stage.args]
     last = stage_dir / "checkpoints" / "last.ckpt"
     if last.exists():
         log.info("stage %s: resuming from %s", stage.name, last)
-        cmd += ["--ckpt_path", str(last)]
-    log.info("stage %s: %s", stage.name, " ".join(cmd))
+        args += ["--ckpt_path", str(last)]
+    launch(args)
+
+
+def launch(args: list[str]) -> None:
+    """``python -m medadapt ARGS`` in a subprocess, so Lightning's DDP launcher and cluster environments see
+    a plain command line (a fit inside this process could not spawn its ranks)."""
+    cmd = [sys.executable, "-m", "medadapt", *args]
+    log.info("running: %s", " ".join(cmd))
     subprocess.run(cmd, check=True, env=os.environ.copy())
 
 
-def merge_stage(cfg: dict, stage_dir: Path, merged_dir: Path) -> None:
-    from medadapt.export import export
-    from medadapt.model import ModelConfig
-
-    base = ModelConfig(**(cfg.get("model", {}).get("model") or {}))
-    if (merged_dir / "medadapt_export.json").exists():
-        return
-    tmp = merged_dir.with_name(merged_dir.name + ".partial")
-    export(base, str(stage_dir / "adapter"), str(tmp), merged_dtype(base.compute_dtype))
-    tmp.replace(merged_dir)
-
-
-def run(stages: list[Stage], work_dir: str) -> list[str]:
-    """Run the chain; returns, per stage, what happened (``trained`` or ``skipped``)."""
+def run(stages: list[Stage], work_dir: str) -> list[dict]:
+    """Run the chain; returns, per stage, ``{"stage", "outcome" (trained | skipped), "adapter", "config"}``."""
     work = Path(work_dir)
-    done_log, base_override = [], None
+    for stage in stages:
+        stage_dir = (work / stage.name).resolve()
+        if stage_dir.parent != work.resolve() or stage.name in ("", ".", ".."):
+            raise ValueError(f"stage name {stage.name!r} must be a plain folder name inside {work_dir}")
+    done, previous = [], None
     for i, stage in enumerate(stages):
         if stage.from_previous and i == 0:
             raise ValueError(f"stage {stage.name!r} is first: it has no previous stage to start from")
         stage_dir = work / stage.name
-        cfg = stage_config(stage, stage_dir, base_override if stage.from_previous else None)
+        cfg = stage_config(stage, stage_dir, previous if stage.from_previous else None)
         marker = stage_dir / "DONE.json"
         if marker.exists():
             log.info("stage %s: already done (%s), skipped", stage.name, marker)
-            done_log.append("skipped")
+            outcome = "skipped"
         else:
             run_stage(stage, stage_dir, cfg)
             marker.write_text(json.dumps({"stage": stage.name, "config": str(stage_dir / "config.yaml"),
                                           "adapter": str(stage_dir / "adapter")}, indent=2))
-            done_log.append("trained")
-        if i + 1 < len(stages) and stages[i + 1].from_previous:
-            merged = work / f"{stage.name}-merged"
-            merge_stage(cfg, stage_dir, merged)
-            base_override = str(merged)
-    return done_log
+            outcome = "trained"
+        done.append({"stage": stage.name, "outcome": outcome, "adapter": cfg["model"]["adapter_dir"],
+                     "config": str(stage_dir / "config.yaml")})
+        previous = cfg
+    return done
 
 
 def build_parser():
@@ -143,6 +145,5 @@ def main(argv: list[str]) -> None:
     p = build_parser()
     args = p.parse_args(argv)
     stages = p.instantiate_classes(args).stages
-    outcome = run(stages, args.work_dir)
-    for stage, what in zip(stages, outcome):
-        print(f"{stage.name}: {what} → {Path(args.work_dir) / stage.name / 'adapter'}")
+    for stage in run(stages, args.work_dir):
+        print(f"{stage['stage']}: {stage['outcome']} → {stage['adapter']}")

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -61,25 +58,21 @@ def hub_overrides(shared: Optional[str]) -> dict[str, list[str]]:
             "test": ["--data.init_args.local_dir", "null"]}
 
 
-def medadapt(args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "medadapt", *args]
-    log.info("study: %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, env=os.environ.copy())
-
-
-def train(chain: str, stages: list, work: Path) -> None:
+def train(chain: str, stages: list, work: Path) -> str:
+    """Run a chain of fits; the final stage's adapter folder (its metadata names the base adapters)."""
     from medadapt.multistep import run
 
-    run(stages, str(work / chain))
+    return run(stages, str(work / chain))[-1]["adapter"]
 
 
-def method_args(method: str, work: Path, rag: dict, in_4bit: bool) -> list[str]:
+def method_args(method: str, adapters: dict[str, str], rag: dict, in_4bit: bool) -> list[str]:
+    """Test-stage overrides of one method. An adapter brings its own base: the CPT→SFT adapter's metadata
+    stacks the CPT adapter under it, on the base both were trained on."""
     args = ["--model.lora", "null", "--model.model.load_in_4bit", str(in_4bit).lower()]
     if method in ("sft", "sft_rag"):
-        args += ["--model.init_adapter", str(work / "sft" / "sft" / "adapter")]
+        args += ["--model.init_adapter", adapters["sft"]]
     if method == "cpt_sft":
-        args += ["--model.model.name_or_path", str(work / "cpt_sft" / "cpt-merged"),
-                 "--model.init_adapter", str(work / "cpt_sft" / "sft" / "adapter")]
+        args += ["--model.init_adapter", adapters["cpt_sft"]]
     if method in ("rag", "sft_rag"):
         args += ["--data.init_args.rag", json.dumps(rag)]
     return args
@@ -89,7 +82,7 @@ def run_study(a) -> Path:
     from dataclasses import asdict
 
     from medadapt.eval.compare import main as compare
-    from medadapt.multistep import Stage
+    from medadapt.multistep import Stage, launch
     from medadapt.rag.cli import build_parser as rag_parser
     from medadapt.rag.cli import index_main
 
@@ -105,19 +98,20 @@ def run_study(a) -> Path:
         index = rag_parser("index").parse_args(index_args).index
         rag.update(index_dir=index.dir, store=index.store, qdrant_url=index.qdrant_url)
         index_main(index_args)  # in-process: indexing never launches DDP workers
+    adapters = {}
     if {"sft", "sft_rag"} & set(a.methods):
-        train("sft", [Stage("sft", a.sft_config, train_args)], work)
+        adapters["sft"] = train("sft", [Stage("sft", a.sft_config, train_args)], work)
     if "cpt_sft" in a.methods:
-        train("cpt_sft", [Stage("cpt", a.cpt_config, train_args),
-                          Stage("sft", a.sft_config, train_args, from_previous=True)], work)
+        adapters["cpt_sft"] = train("cpt_sft", [Stage("cpt", a.cpt_config, train_args),
+                                                Stage("sft", a.sft_config, train_args, from_previous=True)], work)
     runs = []
     for method in a.methods:
         results = work / "results" / method
         args = ["test", "--config", a.eval_config, *a.eval_args, *hub["test"], "--model.results_dir", str(results),
-                *method_args(method, work, rag, a.eval_in_4bit)]
+                *method_args(method, adapters, rag, a.eval_in_4bit)]
         done = results / "study_command.json"  # reuse a result only if the same command produced it
         if not (results / "results.json").exists() or not done.exists() or json.loads(done.read_text()) != args:
-            medadapt(args)
+            launch(args)
             done.write_text(json.dumps(args))
         runs.append(f"{method}={results}")
     compare([*runs, "--baseline", a.baseline, "--out", str(work / "comparison")])

@@ -76,7 +76,7 @@ def tiny_module(model_path: str, *, load_in_4bit: bool = False, dropout: float =
         model=ModelConfig(name_or_path=model_path, load_in_4bit=load_in_4bit, compute_dtype="float32",
                           gradient_checkpointing=True),
         lora=LoraConfig(r=8, alpha=16, dropout=dropout),
-        optim=OptimConfig(lr=lr, warmup_steps=0, fused=False, **optim),
+        optim=OptimConfig(**{"lr": lr, "warmup_steps": 0, "fused": False, **optim}),
     )
 
 

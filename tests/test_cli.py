@@ -86,17 +86,38 @@ def test_every_shipped_config_parses(config, monkeypatch):
             assert Path(data["init_args"][key]).exists(), data["init_args"][key]
 
 
-def test_seed_recipe_values():
+def test_seed_recipe_values_survive_packing():
+    """configs/sft.yaml is the seed recipe: its values, and with packing the seed's examples per optimizer step
+    (2 x 4 = 8) and warmup share (300 of 2,375 steps = 12.6%), measured on the shared o1 sample."""
+    import math
+
     import yaml
+
+    from medadapt.data.reasoning import ReasoningSFTDataModule
+    from medadapt.module import OptimConfig, resolve_warmup
+
+    from .conftest import R1_TOKENIZER, SFT_SAMPLE
 
     cfg = yaml.safe_load((REPO / "configs" / "sft.yaml").read_text())
     model, data, trainer = cfg["model"], cfg["data"]["init_args"], cfg["trainer"]
     assert model["model"]["name_or_path"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
     assert model["model"]["load_in_4bit"] and model["model"]["quant_type"] == "nf4" and model["model"]["double_quant"]
     assert (model["lora"]["r"], model["lora"]["alpha"], model["lora"]["dropout"]) == (16, 32, 0.05)
-    assert (model["optim"]["lr"], model["optim"]["warmup_steps"], model["optim"]["weight_decay"]) == (1e-4, 300, 0.01)
-    assert (data["max_rows"], data["subset"], data["val_fraction"], data["batch_size"]) == (20000, "en", 0.05, 2)
-    assert (trainer["accumulate_grad_batches"], trainer["max_epochs"], cfg["seed_everything"]) == (4, 1, 4242)
+    assert (model["optim"]["lr"], model["optim"]["weight_decay"]) == (1e-4, 0.01)
+    assert (data["max_rows"], data["subset"], data["val_fraction"]) == (20000, "en", 0.05)
+    assert (trainer["max_epochs"], cfg["seed_everything"]) == (1, 4242)
+
+    dm = ReasoningSFTDataModule(**{**data, "dataset": "unused", "data_files": str(SFT_SAMPLE), "max_rows": None,
+                                   "tokenizer": str(R1_TOKENIZER), "num_workers": 0})
+    dm.setup("fit")
+    examples_per_row = sum(len(row) for row in dm.train_rows.rows) / len(dm.train_rows)
+    examples_per_step = examples_per_row * data["batch_size"] * trainer["accumulate_grad_batches"]
+    assert examples_per_step == pytest.approx(8, abs=1)
+    # the full run: 19,000 training rows at the sample's packing density
+    steps = math.ceil(19000 / examples_per_step)
+    share = resolve_warmup(OptimConfig(**model["optim"]), steps) / steps
+    assert share == pytest.approx(300 / 2375, abs=0.01)
+    assert steps == pytest.approx(2375, rel=0.1)
 
 
 def fit_metrics(tmp_path: Path, model_path: str, data_file: str, devices: int, batch_size: int) -> list[dict]:

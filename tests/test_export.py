@@ -26,12 +26,10 @@ def trained_adapter(base: str, path, load_in_4bit: bool) -> tuple[ModelConfig, t
         return cfg, x, model(input_ids=x).logits
 
 
-def logits(model_dir: str, x: torch.Tensor, load_in_4bit: bool = False) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def logits(model_dir: str, x: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32) if load_in_4bit else None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=q).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=x).logits
 
@@ -49,15 +47,12 @@ def test_merged_export_equals_base_plus_adapter(tiny_qwen, tmp_path):
 
 
 def test_nf4_adapter_merges_into_the_dequantized_weights_it_was_trained_on(tiny_qwen, tmp_path):
-    """Stated tolerances: merged (dequantized, fp32) vs base-nf4 + adapter ≤ 1e-5 in logits; re-quantized
-    for the next stage, the error is of the size nf4 itself causes (≤ 2 × the base's own nf4 error)."""
+    """Merged (dequantized, fp32) vs base-nf4 + adapter ≤ 1e-5 in logits. (Re-quantizing the merged folder is
+    not a way to train on it: see tests/test_cpt_sft.py.)"""
     cfg, x, before = trained_adapter(tiny_qwen, tmp_path / "adapter", load_in_4bit=True)
     export(cfg, str(tmp_path / "adapter"), str(tmp_path / "merged"), dtype="float32")
     merged = logits(str(tmp_path / "merged"), x)
     assert (merged - before).abs().max() < 1e-5
-    requantized = logits(str(tmp_path / "merged"), x, load_in_4bit=True)
-    nf4_error = (logits(tiny_qwen, x, load_in_4bit=True) - logits(tiny_qwen, x)).abs().max()
-    assert (requantized - before).abs().max() <= 2 * nf4_error
     # merging into the original full-precision weights instead would ignore what nf4 did to them
     naive = tmp_path / "naive"
     export(ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32"),

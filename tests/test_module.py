@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -155,3 +157,86 @@ def test_cpt_trains_embeddings_and_head_at_their_own_learning_rate(tiny_qwen, tm
     assert {id(p) for p in embed_group[0]["params"]} == saved and len(saved) == 2
     after = dict(module.named_parameters())
     assert all(not torch.equal(before[n], after[n]) for n in before)  # both trained
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "32-true"])
+def test_every_precision_trains_with_clipping_and_fused_only_where_compatible(tiny_qwen, short_sft_file, tmp_path,
+                                                                             monkeypatch, precision):
+    """A fused AdamW with clipping crashed on the first step under 16-mixed and bf16-mixed (Lightning refuses to
+    clip for optimizers that unscale internally). Fused AdamW exists on CPU too: letting medadapt pick it there,
+    and giving 16-mixed its fp16 grad scaler on CPU (Lightning would switch to bf16), forces the CUDA paths."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from medadapt import module as module_lib
+
+    monkeypatch.setattr(module_lib, "FUSED_DEVICES", ("cuda", "cpu"))
+    L.seed_everything(0)
+    module = tiny_module(tiny_qwen, cls=Recording, fused=True)
+    kw = {"precision": precision}
+    if precision == "16-mixed":
+        kw = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+    trainer = tiny_trainer(tmp_path, max_steps=2, gradient_clip_val=1e-3, **kw)
+    trainer.fit(module, tiny_data(short_sft_file, batch_size=1, val_fraction=0.0, pack=False))
+    assert len(module.losses) == 2 and all(math.isfinite(x) for x in module.losses)
+    assert bool(trainer.optimizers[0].defaults["fused"]) == (precision != "16-mixed")
+
+
+def test_metrics_are_logged_at_their_optimizer_step_and_count_examples(tiny_qwen, short_sft_file, tmp_path):
+    """train/loss of optimizer step k is written at step k (as checkpoint step=k), val/loss after k steps at k;
+    examples and tokens per step are what the loader delivered."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    L.seed_everything(0)
+    module = tiny_module(tiny_qwen)
+    data = tiny_data(short_sft_file, batch_size=2, val_fraction=0.125, max_length=256)
+    trainer = tiny_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1,
+                           logger=CSVLogger(tmp_path, name="log"), val_check_interval=6, limit_val_batches=1)
+    trainer.fit(module, data)
+    rows = list(csv.DictReader(open(next((tmp_path / "log").rglob("metrics.csv")))))
+    train = [r for r in rows if r.get("train/loss")]
+    assert [int(r["step"]) for r in train] == [1, 2, 3]
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [3]
+    batches = list(data.train_dataloader())[:6]  # the same sampler order (epoch 0)
+    for k, r in enumerate(train):
+        micro = batches[2 * k : 2 * k + 2]
+        assert float(r["train/examples_per_step"]) == sum(int(b["segment_ids"].amax(1).sum()) for b in micro)
+        assert float(r["train/tokens_per_step"]) == sum(int((b["segment_ids"] > 0).sum()) for b in micro)
+
+
+def test_training_step_does_not_sync_with_the_host(tiny_qwen, short_sft_file, tmp_path, monkeypatch):
+    """No .item()/float()/int()/tolist() on a tensor inside the step outside the model's own forward: loss
+    sums and token counts stay on the device until the optimizer step reduces them once."""
+    conversions = []
+    counting = [False]
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _original=original, _name=name, **kw):
+            if counting[0]:
+                conversions.append(_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+
+    class Counting(CausalLMModule):
+        def training_step(self, batch, batch_idx):
+            counting[0] = True
+            try:
+                return super().training_step(batch, batch_idx)
+            finally:
+                counting[0] = False
+
+        def forward(self, batch):  # the model's own internals are not medadapt's to change
+            counting[0] = False
+            try:
+                return super().forward(batch)
+            finally:
+                counting[0] = True
+
+    L.seed_everything(0)
+    module = tiny_module(tiny_qwen, cls=Counting)
+    tiny_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2).fit(
+        module, tiny_data(short_sft_file, batch_size=2, val_fraction=0.0))
+    assert conversions == []

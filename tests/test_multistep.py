@@ -1,24 +1,48 @@
-"""The multi-step runner's own logic. The whole CPT → SFT chain runs end to end in tests/test_study.py:
-stage 2 trains on stage 1's merged weights (checked), and a second run trains nothing."""
+"""The multi-step runner's own logic. The CPT → SFT composition is tested in tests/test_cpt_sft.py and the
+whole chain end to end in tests/test_study.py."""
 
 from __future__ import annotations
+
+import pytest
+import yaml
+
+from medadapt import multistep
 
 from .conftest import REPO
 
 
 def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
-    from medadapt import multistep
-
     stage = multistep.Stage(name="cpt", config="unused.yaml", args=["--trainer.max_steps", "9"])
     stage_dir = tmp_path / "cpt"
     (stage_dir / "checkpoints").mkdir(parents=True)
     (stage_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
     seen = []
-    monkeypatch.setattr(multistep.subprocess, "run", lambda cmd, **kw: seen.append(cmd))
+    monkeypatch.setattr(multistep, "launch", seen.append)
     multistep.run_stage(stage, stage_dir, {"trainer": {}})
     assert seen[0][-4:] == ["--trainer.max_steps", "9", "--ckpt_path", str(stage_dir / "checkpoints" / "last.ckpt")]
-    cfg = multistep.stage_config(multistep.Stage("sft", str(REPO / "configs" / "sft.yaml")), stage_dir, "merged")
+
+
+def test_a_stage_after_another_trains_a_fresh_lora_on_top_of_its_adapters(tmp_path):
+    sft = yaml.safe_load((REPO / "configs" / "sft.yaml").read_text())
+    base = sft["model"]["model"]["name_or_path"]
+    previous = {"model": {"model": {"name_or_path": base, "base_adapters": ["a0"]}, "adapter_dir": "a1"}}
+    cfg = multistep.stage_config(multistep.Stage("sft", str(REPO / "configs" / "sft.yaml")), tmp_path / "sft",
+                                 previous)
     checkpoints = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
-    assert len(checkpoints) == 1 and checkpoints[0]["init_args"]["dirpath"] == str(stage_dir / "checkpoints")
-    assert cfg["model"]["model"]["name_or_path"] == "merged" and cfg["model"]["adapter_dir"] == str(stage_dir / "adapter")
+    assert len(checkpoints) == 1 and checkpoints[0]["init_args"]["dirpath"] == str(tmp_path / "sft" / "checkpoints")
+    assert cfg["model"]["model"]["base_adapters"] == ["a0", "a1"] and cfg["model"]["init_adapter"] is None
+    assert cfg["model"]["model"]["name_or_path"] == base and cfg["model"]["lora"] == sft["model"]["lora"]
+    assert cfg["model"]["adapter_dir"] == str(tmp_path / "sft" / "adapter")
     assert cfg["trainer"]["logger"]["init_args"]["name"] == f"{tmp_path.name}-sft"
+
+    other = {"model": {"model": {"name_or_path": "someone/else"}, "adapter_dir": "a1"}}
+    with pytest.raises(ValueError, match="both must name the same base"):
+        multistep.stage_config(multistep.Stage("sft", str(REPO / "configs" / "sft.yaml")), tmp_path / "x", other)
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", ""])
+def test_stage_names_that_leave_the_work_dir_are_refused(tmp_path, name, monkeypatch):
+    monkeypatch.setattr(multistep, "launch", lambda args: pytest.fail("nothing may run"))
+    with pytest.raises(ValueError, match="plain folder name"):
+        multistep.run([multistep.Stage(name, "unused.yaml")], str(tmp_path / "work"))
+    assert not (tmp_path / "escape").exists()

@@ -14,7 +14,6 @@ import yaml
 from medadapt.data.benchmarks import TASKS
 
 from .conftest import DATA, REPO
-from .test_export import logits
 
 METHODS = ["base", "rag", "sft", "cpt_sft", "sft_rag"]
 
@@ -83,25 +82,25 @@ def test_study_end_to_end_then_reuses_everything(tiny_qwen, short_sft_file, tmp_
     sft_results = json.loads((work / "results" / "sft_rag" / "results.json").read_text())
     assert sft_results["adapter"].endswith("sft/sft/adapter")
 
-    # CPT → SFT: the SFT stage ran on the merged folder, and that folder is nf4 base + CPT adapter
-    merged = "study/cpt_sft/cpt-merged"
+    # CPT → SFT: the SFT stage trained a fresh LoRA on the base with the CPT adapter stacked under it, and
+    # the cpt_sft arm evaluated that stack (the SFT adapter's metadata names its base adapter)
     chain = work / "cpt_sft"
-    assert yaml.safe_load((chain / "sft" / "config.yaml").read_text())["model"]["model"]["name_or_path"] == merged
+    cpt_adapter = str(tmp_path / "study" / "cpt_sft" / "cpt" / "adapter")
+    stage_two = yaml.safe_load((chain / "sft" / "config.yaml").read_text())["model"]["model"]
+    assert stage_two["name_or_path"] == tiny_qwen and [str(tmp_path / a) for a in stage_two["base_adapters"]] == [
+        cpt_adapter]
     ckpt = torch.load(chain / "sft" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["hyper_parameters"]["model"]["name_or_path"] == merged
-    from peft import PeftModel
-
+    assert ckpt["medadapt"]["base"]["base_adapters"] == stage_two["base_adapters"]
+    evaluated = json.loads((work / "results" / "cpt_sft" / "results.json").read_text())["model"]
+    assert evaluated["base_adapters"] == stage_two["base_adapters"] and evaluated["load_in_4bit"] is True
     from medadapt.model import ModelConfig, load_model
 
-    base = load_model(ModelConfig(name_or_path=tiny_qwen, load_in_4bit=True, compute_dtype="float32",
-                                  gradient_checkpointing=False), None, training=False)
-    stage_one = PeftModel.from_pretrained(base, str(chain / "cpt" / "adapter")).eval()
     x = torch.randint(0, 5000, (1, 16))
+    nf4 = ModelConfig(name_or_path=tiny_qwen, load_in_4bit=True, compute_dtype="float32", gradient_checkpointing=False)
     with torch.no_grad():
-        expected = stage_one(input_ids=x).logits
-    merged_logits = logits(str(tmp_path / merged), x)
-    assert (merged_logits - expected).abs().max() < 1e-5
-    assert (merged_logits - logits(tiny_qwen, x, load_in_4bit=True)).abs().max() > 1e-3  # CPT moved the weights
+        cpt_only = load_model(nf4, adapter=cpt_adapter, training=False)(input_ids=x).logits
+        plain = load_model(nf4, training=False)(input_ids=x).logits
+    assert (cpt_only - plain).abs().max() > 1e-3  # CPT moved the model that stage 2 built on
 
     before = snapshot(tmp_path)
     again = run_study(tmp_path)

@@ -157,9 +157,12 @@ class ReasoningSFTDataModule(TokenizedDataModule):
         question_field: Column holding the question.
         cot_field: Column holding the reasoning.
         response_field: Column holding the final answer.
-        max_length: Tokens per packed row, and the truncation length of one example.
+        max_length: Tokens per packed row, and the longest example kept.
+        truncate: What to do with an example longer than ``max_length``: false (default) drops it with a
+            counted WARNING; true cuts it to ``max_length`` and trains on the rest, which teaches an answer
+            without its end and without EOS.
         max_dropped_fraction: Fail if more than this fraction of rows is dropped (malformed rows in
-            ``skip`` mode, or rows whose prompt alone fills ``max_length`` so nothing is supervised).
+            ``skip`` mode, rows longer than ``max_length``, or rows left with nothing to supervise).
         on_bad_row: ``error`` stops at the first malformed row naming file, row and field; ``skip``
             counts and logs them.
         val_fraction: Fraction of rows held out for validation (split before tokenization).
@@ -185,6 +188,7 @@ class ReasoningSFTDataModule(TokenizedDataModule):
         cot_field: str = "Complex_CoT",
         response_field: str = "Response",
         max_length: int = 2048,
+        truncate: bool = False,
         max_dropped_fraction: float = 0.01,
         on_bad_row: str = "error",
         val_fraction: float = 0.05,
@@ -210,7 +214,7 @@ class ReasoningSFTDataModule(TokenizedDataModule):
         else:
             train_rows, val_rows = rows, rows.select([])
         bad: list[str] = []
-        too_long = truncated = 0
+        too_long = truncated = 0  # dropped for length; cut to max_length (truncate: true)
         out = []
         for part in (train_rows, val_rows):
             examples = []
@@ -225,7 +229,7 @@ class ReasoningSFTDataModule(TokenizedDataModule):
                 ex = render_example(self.get_tokenizer(), question, target, h.system_prompt)
                 if len(ex["input_ids"]) > h.max_length:
                     ex = {"input_ids": ex["input_ids"][: h.max_length], "labels": ex["labels"][: h.max_length]}
-                    if all(label == IGNORE_INDEX for label in ex["labels"]):
+                    if not h.truncate or all(label == IGNORE_INDEX for label in ex["labels"]):
                         too_long += 1
                         continue
                     truncated += 1
@@ -260,15 +264,17 @@ class ReasoningSFTDataModule(TokenizedDataModule):
             log.warning("skipped malformed row: %s", msg)
         if bad:
             log.warning("skipped %d malformed rows of %d", len(bad), total)
+        reason = "left with nothing to supervise when cut" if h.truncate else "longer than"
         if too_long:
-            log.warning("dropped %d of %d rows whose prompt fills max_length=%d (nothing left to supervise)",
-                        too_long, total, h.max_length)
+            log.warning("dropped %d of %d rows %s max_length=%d%s", too_long, total, reason, h.max_length,
+                        "" if h.truncate else " (data.truncate: true cuts them instead)")
         if truncated:
-            log.info("truncated %d of %d rows to max_length=%d", truncated, total, h.max_length)
+            log.warning("cut %d of %d rows to max_length=%d: their answers lose their end and EOS", truncated,
+                        total, h.max_length)
         dropped = len(bad) + too_long
         if total and dropped / total > h.max_dropped_fraction:
             raise ValueError(
-                f"{self.source}: {dropped} of {total} rows dropped ({len(bad)} malformed, {too_long} with no "
-                f"supervised token after truncation to {h.max_length}), more than max_dropped_fraction="
-                f"{h.max_dropped_fraction}; raise max_length or fix the data"
+                f"{self.source}: {dropped} of {total} rows dropped ({len(bad)} malformed, {too_long} {reason} "
+                f"max_length={h.max_length}), more than max_dropped_fraction={h.max_dropped_fraction}; raise "
+                "max_length or max_dropped_fraction, or fix the data"
             )

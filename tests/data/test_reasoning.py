@@ -49,11 +49,32 @@ def test_truncation_drops_rows_without_supervised_tokens_and_fails_past_threshol
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(rows))
     with pytest.raises(ValueError, match="1 of 20 rows dropped"):
-        make_dm(data_files=str(path), max_length=512, val_fraction=0.0, max_dropped_fraction=0.01).build_examples("fit")
-    train, _ = make_dm(data_files=str(path), max_length=512, val_fraction=0.0,
+        make_dm(data_files=str(path), max_length=512, val_fraction=0.0, max_dropped_fraction=0.01,
+                truncate=True).build_examples("fit")
+    train, _ = make_dm(data_files=str(path), max_length=512, val_fraction=0.0, truncate=True,
                        max_dropped_fraction=0.1).build_examples("fit")
     assert len(train) == 19
     assert all(len(ex["input_ids"]) <= 512 for ex in train)
+
+
+def test_rows_longer_than_max_length_are_dropped_and_counted_unless_truncation_is_asked_for(tmp_path, caplog):
+    """A cut row loses the end of its answer and its EOS: by default it is dropped with a WARNING that counts
+    it; ``truncate: true`` keeps the cut rows (also counted)."""
+    rows = json.load(open(SFT_SAMPLE))[:20]
+    for i in (2, 5, 9):
+        rows[i]["Response"] = rows[i]["Response"] + " and more" * 300
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    with caplog.at_level("WARNING"):
+        train, _ = make_dm(data_files=str(path), max_length=1024, val_fraction=0.0,
+                           max_dropped_fraction=0.2).build_examples("fit")
+    assert len(train) == 17 and all(ex["labels"][-1] != IGNORE_INDEX for ex in train)  # every kept row ends in EOS
+    assert any("dropped 3 of 20 rows longer than max_length=1024" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        cut, _ = make_dm(data_files=str(path), max_length=1024, val_fraction=0.0, truncate=True).build_examples("fit")
+    assert len(cut) == 20 and sum(len(ex["input_ids"]) == 1024 for ex in cut) == 3
+    assert any("cut 3 of 20 rows to max_length=1024" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize(
