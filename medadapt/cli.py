@@ -8,10 +8,29 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from medadapt.module import CausalLMModule
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Save the run's config.yaml beside its outputs. Without a logger Lightning's ``log_dir`` is the working
+    directory, so a ``logger: false`` run wrote config.yaml into wherever it was started: here it goes to the
+    checkpoint folder (fit) or the results folder (test), or nowhere."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is not None:
+            return super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        else:
+            folder = getattr(pl_module, "hparams", {}).get("results_dir") if stage == "test" else None
+        if folder and trainer.is_global_zero:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(Path(folder) / self.config_filename), skip_none=False, overwrite=True,
+                             multifile=self.multifile)
 
 
 class MedAdaptCLI(LightningCLI):
@@ -43,7 +62,25 @@ class MedAdaptCLI(LightningCLI):
         if getattr(self, "_ckpt_path", None) and hasattr(self.model, "expected_ckpt_path"):
             self.model.expected_ckpt_path = self._ckpt_path  # build once, for this checkpoint
 
+    def before_fit(self) -> None:
+        """Refuse to train into a checkpoint folder that holds another run's checkpoints: Lightning would write
+        ``last-v1.ckpt`` beside the old ``last.ckpt``, so the README's resume command would resume the old run
+        while ``adapter/`` held the new one. Resume it (``--ckpt_path``) or say ``--overwrite true``."""
+        if self._ckpt_path:
+            return
+        for callback in self.trainer.checkpoint_callbacks:
+            folder = Path(callback.dirpath) if getattr(callback, "dirpath", None) else None
+            old = sorted(folder.glob("*.ckpt")) if folder and folder.is_dir() else []
+            if old and not self.config["fit"].get("overwrite"):
+                raise FileExistsError(
+                    f"{folder} holds checkpoints of an earlier run ({', '.join(p.name for p in old[:3])}); resume "
+                    f"it with --ckpt_path {folder / 'last.ckpt'}, or start over with --overwrite true (deletes them)")
+            for path in old:
+                path.unlink()
+
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: delete checkpoints an earlier run left in the checkpoint folder and start over")
         parser.set_defaults(
             {
                 "trainer.default_root_dir": ".",
@@ -63,6 +100,7 @@ def build_cli(args=None, run: bool = True) -> MedAdaptCLI:
         L.LightningDataModule,
         subclass_mode_data=True,
         seed_everything_default=4242,
+        save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the module owns its optimizer and schedule (OptimConfig)
         args=args,

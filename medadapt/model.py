@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -57,12 +57,18 @@ class ModelConfig:
     revision: Optional[str] = None
     base_adapters: Optional[list[str]] = None
     load_in_4bit: Optional[bool] = None
-    quant_type: str = "nf4"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "auto"
-    attn_implementation: str = "sdpa"
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     gradient_checkpointing: bool = True
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:  # the same checks for Python callers as the CLI's types give
+        for name, allowed in (("quant_type", ("nf4", "fp4")), ("compute_dtype", ("auto", "bfloat16", "float16", "float32")),
+                              ("attn_implementation", ("sdpa", "eager"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -101,10 +107,22 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise ValueError(f"compute_dtype must be auto, bfloat16, float16 or float32, got {name!r}") from None
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is neither a local folder, a packaged model, nor reachable on the hub."""
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map a packaged short name to a local HF folder (converting it on first use); pass others through."""
+    """Map a packaged short name to a local HF folder (converting it on first use); check that a path names
+    a folder that exists; pass hub ids through."""
     key = name_or_path.lower()
     if key not in PACKAGED_MODELS:
+        path = Path(name_or_path).expanduser()
+        if path.exists():
+            return str(path)
+        if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
+            raise ModelNotFoundError(f"model folder {name_or_path} does not exist (model.name_or_path takes a local "
+                                     f"folder, a hub id such as deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B, or one of "
+                                     f"{sorted(PACKAGED_MODELS)})")
         return name_or_path
     package, gguf_file = PACKAGED_MODELS[key]
     target = cache_dir() / "models" / key
@@ -149,12 +167,28 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     tmp.rename(target)
 
 
+def from_pretrained(loader, name_or_path: str, **kwargs):
+    """``loader.from_pretrained`` with an error that says what to do when the model cannot be found."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if Path(path).exists():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        if offline or "couldn't connect" in str(e).lower() or "connection" in str(e).lower():
+            raise ModelNotFoundError(
+                f"model {name_or_path!r} is not a local folder and not in the hub cache, and the hub is unreachable"
+                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: download it where the hub is reachable "
+                f"(`huggingface-cli download {name_or_path} --local-dir DIR`) and set model.name_or_path to DIR") from e
+        raise ModelNotFoundError(f"model {name_or_path!r} could not be loaded from the hub: {e}") from e
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        resolve_model_path(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    tok = from_pretrained(AutoTokenizer, cfg.name_or_path, revision=cfg.revision,
+                          trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:  # padding positions are masked out; any id works, EOS is always there
         tok.pad_token = tok.eos_token
     return tok
@@ -281,7 +315,7 @@ def load_base(cfg: ModelConfig, *, training: bool):
         if torch.cuda.is_available():
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
             kwargs["device_map"] = {"": local_rank}
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.name_or_path), **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, cfg.name_or_path, **kwargs)
     if cfg.load_in_4bit:
         disable_bnb_cpu_repacking(model)
     if training:

@@ -236,6 +236,28 @@ class CausalLMModule(L.LightningModule):
                 self.log_at_step({"val/loss": loss_sum / tokens}, self.trainer.global_step)
 
     # ---- test: leaderboard benchmarks -------------------------------------------------------------
+    def on_test_start(self) -> None:
+        """Hold the results folder for this run (rank 0 decides, every rank learns it before any work)."""
+        from medadapt.eval.report import lock_results
+
+        self._results_lock, error = None, None
+        if self.trainer.is_global_zero:
+            try:
+                self._results_lock = lock_results(self.hparams.results_dir)
+            except RuntimeError as e:
+                error = str(e)
+        error = self.trainer.strategy.broadcast(error)
+        if error:
+            raise RuntimeError(error)
+
+    def on_test_end(self) -> None:
+        if getattr(self, "_results_lock", None) is not None:
+            self._results_lock.release()
+            self._results_lock = None
+
+    def teardown(self, stage: str) -> None:
+        self.on_test_end()  # also after a failed run: the folder is free again
+
     def on_test_epoch_start(self) -> None:
         self._test_records: list[dict] = []
 
@@ -282,7 +304,7 @@ class CausalLMModule(L.LightningModule):
             dm = self.trainer.datamodule
             meta = {"model": asdict(self.resolved_model_cfg), "lora": asdict(self.lora_used) if self.lora_used else None,
                     "adapter": self.init_adapter_path, "ckpt_path": self.trainer.ckpt_path, "data": dict(dm.hparams),
-                    "data_fingerprint": fingerprint(dm.items)}
+                    "data_fingerprint": fingerprint(dm.items), "items_available": dict(getattr(dm, "available", {}))}
             path = write_results(self.hparams.results_dir, summary, records, meta)
             log.info("results: %s (macro acc %.4f over %d items)", path, summary["macro_avg_acc"], summary["n"])
 

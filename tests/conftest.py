@@ -18,13 +18,13 @@ R1_TOKENIZER = SHARED / "fixtures" / "deepseek-r1-distill-qwen-tokenizer"
 SFT_SAMPLE = DATA / "sft" / "medical_o1_reasoning_sample.json"
 
 
-def build_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0) -> Path:
-    """Save a 2-layer random model with the real R1 tokenizer as a plain HF folder."""
+def build_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, layers: int = 2) -> Path:
+    """Save a small random model (2 layers by default) with the real R1 tokenizer as a plain HF folder."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(R1_TOKENIZER)
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)
@@ -95,3 +95,37 @@ def tiny_trainer(root, **kw):
     kw.setdefault("enable_checkpointing", False)
     return L.Trainer(accelerator="cpu", devices=1, default_root_dir=str(root), enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, **kw)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_qwen, short_sft_file, tmp_path_factory):
+    """One 4-bit fit through the CLI: its checkpoint folder (last.ckpt) and exported adapter."""
+    import json
+
+    from medadapt.cli import main as cli
+
+    root = tmp_path_factory.mktemp("fit")
+    cli(["fit", "--model.model.name_or_path", tiny_qwen, "--model.model.load_in_4bit", "true",
+         "--model.model.compute_dtype", "float32", "--model.lora", json.dumps({"r": 4, "alpha": 8, "dropout": 0.0}),
+         "--model.optim.lr", "0.05", "--model.optim.warmup_steps", "0", "--model.optim.fused", "false",
+         "--data", "medadapt.data.reasoning.ReasoningSFTDataModule", "--data.data_files", short_sft_file,
+         "--data.max_length", "256", "--data.val_fraction", "0", "--data.batch_size", "2",
+         "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.logger", "false",
+         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+         "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                             "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}}])])
+    return {"adapter": root / "ckpt" / "adapter", "ckpt": root / "ckpt" / "last.ckpt", "base": tiny_qwen}
+
+
+def evaluate(trained, out, *extra) -> dict:
+    """``python -m medadapt test`` (in-process) of ``trained["base"]`` on two PubMedQA items; its results.json."""
+    import json
+
+    from medadapt.cli import main as cli
+
+    cli(["test", "--model.model.name_or_path", trained["base"], "--model.model.compute_dtype", "float32",
+         "--model.model.gradient_checkpointing", "false", "--model.lora", "null", "--model.results_dir", str(out),
+         "--data", "medadapt.data.benchmarks.BenchmarkDataModule", "--data.local_dir", str(DATA / "benchmarks"),
+         "--data.tasks", '["pubmedqa"]', "--data.limit", "2", "--trainer.accelerator", "cpu",
+         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *extra])
+    return json.loads((out / "results.json").read_text())

@@ -12,36 +12,7 @@ import json
 
 import pytest
 
-from medadapt.cli import main as cli
-
-from .conftest import DATA
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_qwen, short_sft_file, tmp_path_factory):
-    """One 4-bit fit through the CLI: its checkpoint folder (last.ckpt) and exported adapter."""
-    root = tmp_path_factory.mktemp("fit")
-    cli(["fit", "--model.model.name_or_path", tiny_qwen, "--model.model.load_in_4bit", "true",
-         "--model.model.compute_dtype", "float32", "--model.lora", json.dumps({"r": 4, "alpha": 8, "dropout": 0.0}),
-         "--model.optim.lr", "0.05", "--model.optim.warmup_steps", "0", "--model.optim.fused", "false",
-         "--data", "medadapt.data.reasoning.ReasoningSFTDataModule", "--data.data_files", short_sft_file,
-         "--data.max_length", "256", "--data.val_fraction", "0", "--data.batch_size", "2",
-         "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.logger", "false",
-         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
-         "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                             "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}}])])
-    return {"adapter": root / "ckpt" / "adapter", "ckpt": root / "ckpt" / "last.ckpt", "base": tiny_qwen}
-
-
-def evaluate(trained, out, *extra) -> dict:
-    cli(["test", "--model.model.name_or_path", trained["base"], "--model.model.compute_dtype", "float32",
-         "--model.model.gradient_checkpointing", "false", "--model.lora", "null", "--model.results_dir", str(out),
-         "--data", "medadapt.data.benchmarks.BenchmarkDataModule", "--data.local_dir", str(DATA / "benchmarks"),
-         "--data.tasks", '["pubmedqa"]', "--data.limit", "2", "--trainer.accelerator", "cpu",
-         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *extra])
-    return json.loads((out / "results.json").read_text())
-
-
+from .conftest import evaluate
 
 
 def test_adapter_metadata_records_what_it_was_trained_on(trained):

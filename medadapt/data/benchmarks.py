@@ -26,6 +26,10 @@ LETTERS = ["A", "B", "C", "D"]
 MMLU_SUBJECTS = ["anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
                  "professional_medicine"]
 TASKS = ["medqa_4options", "medmcqa", "pubmedqa"] + [f"mmlu_{s}" for s in MMLU_SUBJECTS]
+#: items in each leaderboard test set; a copy of another size is incomplete or another version
+EXPECTED_SIZES = {"medqa_4options": 1273, "medmcqa": 4183, "pubmedqa": 500, "mmlu_anatomy": 135,
+                  "mmlu_clinical_knowledge": 265, "mmlu_college_biology": 144, "mmlu_college_medicine": 173,
+                  "mmlu_medical_genetics": 100, "mmlu_professional_medicine": 272}
 
 
 class MalformedItemError(ValueError):
@@ -180,8 +184,17 @@ LOCAL_FILES = {
 }
 
 
-def load_task(task: str, local_dir: Optional[str] = None) -> list[Item]:
-    """Items of one task, from ``local_dir`` (the shared/data/benchmarks layout) or the hub."""
+class IncompleteBenchmarkError(ValueError):
+    """A benchmark copy whose item count differs from the leaderboard's test set."""
+
+
+def load_task(task: str, local_dir: Optional[str] = None, allow_partial: bool = False) -> list[Item]:
+    """Items of one task, from ``local_dir`` (the shared/data/benchmarks layout) or the hub.
+
+    A copy with another number of items than the leaderboard's test set (a file cut short, another
+    version) would silently change which items a seeded subset draws: it is an error unless
+    ``allow_partial``.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     path = str(Path(local_dir) / LOCAL_FILES[task]) if local_dir else None
@@ -189,9 +202,15 @@ def load_task(task: str, local_dir: Optional[str] = None) -> list[Item]:
         raise FileNotFoundError(f"{path} not found (expected the layout of shared/data/benchmarks)")
     loaders: dict[str, Callable[[Optional[str]], list[Item]]] = {
         "medqa_4options": load_medqa, "medmcqa": load_medmcqa, "pubmedqa": load_pubmedqa}
-    if task in loaders:
-        return loaders[task](path)
-    return load_mmlu(task[len("mmlu_"):], path)
+    items = loaders[task](path) if task in loaders else load_mmlu(task[len("mmlu_"):], path)
+    expected = EXPECTED_SIZES[task]
+    if len(items) != expected:
+        message = (f"{path or task}: {task} has {len(items)} items, the leaderboard's test set has {expected}: the "
+                   "copy is incomplete or another version")
+        if not allow_partial:
+            raise IncompleteBenchmarkError(message + "; set data.allow_partial: true to evaluate it anyway")
+        log.warning("%s (allow_partial)", message)
+    return items
 
 
 def select(items: list[Item], limit: Optional[int], seed: int) -> list[Item]:
@@ -223,6 +242,9 @@ class BenchmarkDataModule(L.LightningDataModule):
         instruction: Generative mode: sentence appended to every question (DeepSeek's recommended
             one asks for a ``\\boxed{}`` answer, which extraction reads first).
         rag: Put retrieved snippets before every question (the RAG method); null for none.
+        allow_partial: Evaluate a task whose copy has another number of items than the leaderboard's
+            test set (a cut file, another version); false makes that an error. results.json records
+            each task's available and evaluated counts either way.
     """
 
     def __init__(
@@ -239,6 +261,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         max_new_tokens: int = 2048,
         instruction: str = INSTRUCTION,
         rag: Optional[RagArmConfig] = None,
+        allow_partial: bool = False,
     ):
         super().__init__()
         unknown = [t for t in tasks if t not in TASKS]
@@ -257,8 +280,11 @@ class BenchmarkDataModule(L.LightningDataModule):
 
         h = self.hparams
         self.tokenizer = tokenizer_for(self, h.tokenizer)
+        self.available: dict[str, int] = {}
         for task in h.tasks:
-            self.items += select(load_task(task, h.local_dir), h.limit, h.seed)
+            items = load_task(task, h.local_dir, h.allow_partial)
+            self.available[task] = len(items)
+            self.items += select(items, h.limit, h.seed)
         if h.rag is not None:
             from medadapt.rag.context import with_context
 

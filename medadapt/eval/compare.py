@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from medadapt.eval.report import Z95
+
 
 def load_run(directory: str) -> tuple[dict, dict]:
     d = Path(directory)
@@ -29,32 +31,45 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired(base: dict, other: dict, task: str) -> tuple[int, int, float]:
+def paired(base: dict, other: dict, task: str) -> tuple[int, int, int, float]:
+    """On the items of ``task`` that both runs scored: (shared, b, c, p)."""
     keys = [k for k in base if k[0] == task and k in other]
     b = sum(1 for k in keys if base[k] and not other[k])
     c = sum(1 for k in keys if other[k] and not base[k])
-    return b, c, mcnemar_exact(b, c)
+    return len(keys), b, c, mcnemar_exact(b, c)
+
+
+def mismatch_warning(runs: dict[str, tuple[dict, dict]]) -> list[str]:
+    """Runs that scored different items cannot be compared item by item: say so at the top of the table."""
+    prints = {name: results.get("data_fingerprint") for name, (results, _) in runs.items()}
+    if len(set(prints.values())) <= 1:
+        return []
+    listed = ", ".join(f"{name}: `{fp}`" for name, fp in prints.items())
+    return [f"**WARNING: these runs did not score the same items** (data fingerprints {listed}). Accuracies "
+            "below are over different item sets; the paired tests use only the items both runs scored "
+            "(column n).", ""]
 
 
 def build_table(runs: dict[str, tuple[dict, dict]], baseline: str) -> str:
     tasks = sorted({t for results, _ in runs.values() for t in results["tasks"]})
     head = "| method | " + " | ".join(tasks) + " | macro avg |"
-    lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    lines = [*mismatch_warning(runs), head, "|" + "---|" * (len(tasks) + 2)]
     for name, (results, _) in runs.items():
         cells = []
         for t in tasks:
             m = results["tasks"].get(t)
             cells.append("–" if m is None else f"{100 * m['acc']:.1f} [{100 * m['acc_ci95'][0]:.1f}, {100 * m['acc_ci95'][1]:.1f}]")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * results['macro_avg_acc']:.1f} |")
-    lines += ["", f"Paired exact McNemar test against `{baseline}` (b = only {baseline} right, c = only the method right):", ""]
-    lines += ["| method | task | b | c | p |", "|---|---|---:|---:|---:|"]
+    lines += ["", f"Paired exact McNemar test against `{baseline}` on the items both runs scored (n; b = only "
+              f"{baseline} right, c = only the method right):", ""]
+    lines += ["| method | task | n | b | c | p |", "|---|---|---:|---:|---:|---:|"]
     base_preds = runs[baseline][1]
     for name, (_, preds) in runs.items():
         if name == baseline:
             continue
         for t in tasks:
-            b, c, p = paired(base_preds, preds, t)
-            lines.append(f"| {name} | {t} | {b} | {c} | {p:.3g} |")
+            n, b, c, p = paired(base_preds, preds, t)
+            lines.append(f"| {name} | {t} | {n} | {b} | {c} | {p:.3g} |" if n else f"| {name} | {t} | 0 | – | – | – |")
     return "\n".join(lines) + "\n"
 
 
@@ -69,7 +84,7 @@ def chart(runs: dict[str, tuple[dict, dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(tasks)), 4.5))
     for i, (name, (results, _)) in enumerate(runs.items()):
         accs = [100 * results["tasks"].get(t, {}).get("acc", float("nan")) for t in tasks]
-        errs = [196 * results["tasks"].get(t, {}).get("acc_stderr", float("nan")) for t in tasks]
+        errs = [100 * Z95 * results["tasks"].get(t, {}).get("acc_stderr", float("nan")) for t in tasks]
         ax.bar([x + i * width for x in range(len(tasks))], accs, width, yerr=errs, capsize=2, label=name)
     ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(tasks))])
     ax.set_xticklabels([t.replace("mmlu_", "mmlu\n") for t in tasks], fontsize=8)
@@ -87,15 +102,18 @@ def main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     runs = {}
     for spec in args.runs:
-        name, _, directory = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        name, _, directory = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
+        if name in runs:
+            raise SystemExit(f"two runs are named {name!r}: name them NAME=DIR so each is its own row")
         runs[name] = load_run(directory)
     baseline = args.baseline or next(iter(runs))
     if baseline not in runs:
         raise SystemExit(f"--baseline {baseline!r} is not among the runs {list(runs)}")
     table = build_table(runs, baseline)
     out = Path(args.out)
+    md, png = out.with_name(out.name + ".md"), out.with_name(out.name + ".png")  # "run1.5" stays run1.5.md
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table)
-    chart(runs, out.with_suffix(".png"))
+    md.write_text(table)
+    chart(runs, png)
     print(table)
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    print(f"wrote {md} and {png}")

@@ -10,12 +10,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy
+
+log = logging.getLogger(__name__)
+Z95 = 1.96  # two-sided 95% normal quantile, as lm-eval reports intervals
 
 
 def task_metrics(records: list[dict]) -> dict[str, Any]:
@@ -31,7 +36,7 @@ def task_metrics(records: list[dict]) -> dict[str, Any]:
         stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
         out[key] = acc
         out[f"{key}_stderr"] = stderr
-        out[f"{key}_ci95"] = [acc - 1.96 * stderr, acc + 1.96 * stderr]
+        out[f"{key}_ci95"] = [acc - Z95 * stderr, acc + Z95 * stderr]
     out["unparsable"] = sum(1 for r in records if r.get("unparsable"))
     return out
 
@@ -51,9 +56,11 @@ def summarize(records: list[dict]) -> dict[str, Any]:
 
 
 def fingerprint(items) -> str:
+    """Which items were scored (task, id, question, choices, gold), not how they were asked: the RAG arm's
+    prompts differ from the base's, its items do not."""
     h = hashlib.sha256()
-    for it in items:
-        h.update(json.dumps([it.task, it.id, it.prompt, it.choices, it.gold], ensure_ascii=False).encode())
+    for it in sorted(items, key=lambda it: (it.task, it.id)):
+        h.update(json.dumps([it.task, it.id, it.question, it.choices, it.gold], ensure_ascii=False).encode())
     return h.hexdigest()[:16]
 
 
@@ -64,11 +71,42 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def write_results(directory: str, summary: dict, records: list[dict], meta: dict) -> Path:
+class ResultsBusyError(RuntimeError):
+    """Another run is writing the same results folder."""
+
+
+def lock_results(directory: str):
+    """Take a results folder for one run: a held ``FileLock``, or a clear error naming the folder when another
+    run holds it (two runs writing one folder would interleave their files). Release it after writing."""
+    from filelock import FileLock, Timeout
+
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "results.json").write_text(json.dumps({**meta, **summary}, indent=2, default=_jsonable))
-    with open(path / "predictions.jsonl", "w") as f:
-        for r in sorted(records, key=lambda r: (r["task"], r["id"])):
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    lock = FileLock(str(path / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ResultsBusyError(f"results_dir {directory} is being written by another run; give this run its own "
+                               "model.results_dir") from None
+    return lock
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_results(directory: str, summary: dict, records: list[dict], meta: dict) -> Path:
+    """predictions.jsonl, then results.json, each written whole or not at all: a results.json that exists
+    belongs to the predictions beside it. Replacing an earlier run's results is logged."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    if (path / "results.json").exists():
+        log.warning("replacing the results in %s (written %s)", path,
+                    datetime.fromtimestamp((path / "results.json").stat().st_mtime).isoformat(timespec="seconds"))
+        (path / "results.json").unlink()
+    lines = [json.dumps(r, ensure_ascii=False) for r in sorted(records, key=lambda r: (r["task"], r["id"]))]
+    _write_atomic(path / "predictions.jsonl", "".join(line + "\n" for line in lines))
+    _write_atomic(path / "results.json", json.dumps({**meta, **summary}, indent=2, default=_jsonable))
     return path / "results.json"

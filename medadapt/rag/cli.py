@@ -37,6 +37,9 @@ def build_parser(command: str):
     p.add_argument("--max_new_tokens", type=int, default=1024, help="ask: generation budget (thinking included)")
     p.add_argument("--pipeline_yaml", type=Optional[str], default=None,
                    help="also write the retrieval pipeline (Haystack YAML) here")
+    if command == "index":
+        p.add_argument("--rebuild", type=bool, default=False,
+                       help="empty the index and embed the whole corpus again (e.g. after it was reported corrupt)")
     if command == "ask":
         p.add_argument("question", type=str, help="the question to answer")
     return p
@@ -47,7 +50,7 @@ def index_main(argv: list[str]) -> None:
 
     cfg = build_parser("index").parse_args(argv)
     init = build_parser("index").instantiate_classes(cfg)
-    stats = build_index(init.corpus, init.index)
+    stats = build_index(init.corpus, init.index, rebuild=cfg.rebuild)
     print(f"index {init.index.dir}: {stats['embedded']} documents embedded, {stats['already_indexed']} already "
           f"there" + (f", {stats['docs_per_s']:.1f} docs/s" if stats["docs_per_s"] else ""))
     if cfg.pipeline_yaml:

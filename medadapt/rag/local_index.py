@@ -9,24 +9,55 @@ components around them (``rag/retrievers.py``).
 
 Layout of an index folder::
 
-    manifest.json        embedder, dimension, committed chunks, what the search files were built from
-    chunks/NNNNNN.parquet  id, content, meta (JSON), embedding: one per indexing step, written atomically
+    manifest.json        embedder, dimension, committed chunks, what the search files were built from,
+                         and each search file's size and SHA-256
+    chunks/NNNNNN.parquet  id, hash, content, meta (JSON), embedding: one per indexing step, written atomically
     docs.parquet, dense.faiss, bm25/   search files, rebuilt from the chunks when they change
+    .lock                held by the run that writes the folder
 
 Chunks are the checkpoint: an interrupted run keeps every chunk it committed and a re-run embeds only
-documents whose ids no chunk holds.
+documents whose id no chunk holds or whose text changed (content hash); a later chunk's version of a
+document supersedes an earlier one, and the search files hold each id once. Search files that do not match
+their recorded size and hash are reported as corrupt (``index --rebuild`` starts over).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 BM25_STOPWORDS = "en"
+SEARCH_FILES = ("dense.faiss", "docs.parquet", "bm25")
+
+
+class IndexCorruptError(RuntimeError):
+    """An index file that does not match what the manifest recorded (truncated, edited, half-written)."""
+
+
+def content_hash(text: str, title: str = "") -> str:
+    """What a document's embedding depends on: a changed text or title means a new embedding."""
+    return hashlib.sha256(json.dumps([title, text], ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def file_digest(path: Path) -> dict:
+    """Size and SHA-256 of a file, or of every file in a folder (sorted by name)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h, size = hashlib.sha256(), 0
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+                size += len(block)
+    return {"size": size, "sha256": h.hexdigest()}
 
 
 def _stemmer():
@@ -82,26 +113,53 @@ class LocalIndex:
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
-    def check_embedder(self, embedder: str, dim: Optional[int] = None) -> None:
-        """Refuse to mix embedders in one index: the vectors would not be comparable."""
+    def check_embedder(self, embedder: str) -> None:
+        """Refuse to mix embedders in one index: the vectors would not be comparable. (The embedder is
+        recorded with the first committed chunk, so a run that indexes nothing leaves no manifest.)"""
         m = self.manifest()
         if m.get("embedder") and m["embedder"] != embedder:
             raise ValueError(f"{self.dir} was embedded with {m['embedder']!r}, not {embedder!r}; "
                              "use another index dir or the same embedder")
-        if m.get("embedder") is None:
-            m.update(embedder=embedder, dim=dim)
-            self._save_manifest(m)
 
-    # ---- indexing --------------------------------------------------------------------------------
-    def indexed_ids(self) -> set[str]:
+    @contextmanager
+    def writing(self):
+        """Hold the folder's lock while indexing: a second run waits, then finds the documents indexed."""
+        from filelock import FileLock, Timeout
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.dir / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("%s is being indexed by another run: waiting for it to finish", self.dir)
+            lock.acquire()
+        try:
+            yield self
+        finally:
+            lock.release()
+
+    def _read_chunk(self, name: str, columns: Optional[list[str]] = None):
         import pyarrow.parquet as pq
 
-        ids: set[str] = set()
-        for name in self.manifest()["chunks"]:
-            ids.update(pq.read_table(self.dir / "chunks" / name, columns=["id"]).column("id").to_pylist())
-        return ids
+        try:
+            return pq.read_table(self.dir / "chunks" / name, columns=columns)
+        except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise IndexCorruptError(f"index {self.dir} is corrupt: chunk {name} cannot be read ({e}); run "
+                                    "`python -m medadapt index --rebuild` to embed the corpus again") from e
 
-    def write_chunk(self, docs: list) -> int:
+    # ---- indexing --------------------------------------------------------------------------------
+    def indexed(self) -> dict[str, str]:
+        """Every committed document id → the content hash of its latest version."""
+        out: dict[str, str] = {}
+        for name in self.manifest()["chunks"]:
+            table = self._read_chunk(name, ["id", "hash"])
+            out.update(zip(table.column("id").to_pylist(), table.column("hash").to_pylist()))
+        return out
+
+    def indexed_ids(self) -> set[str]:
+        return set(self.indexed())
+
+    def write_chunk(self, docs: list, embedder: Optional[str] = None) -> int:
         """Commit embedded documents as one chunk (file first, then the manifest that lists it)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -111,6 +169,7 @@ class LocalIndex:
         emb = np.asarray([d.embedding for d in docs], dtype=np.float32)
         table = pa.table({
             "id": [d.id for d in docs],
+            "hash": [content_hash(d.content, (d.meta or {}).get("title", "")) for d in docs],
             "content": [d.content for d in docs],
             "meta": [json.dumps(d.meta, ensure_ascii=False) for d in docs],
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
@@ -121,11 +180,28 @@ class LocalIndex:
         _write_atomic(self.dir / "chunks" / name, lambda p: pq.write_table(table, p))
         m["chunks"].append(name)
         m["dim"] = int(emb.shape[1])
+        if embedder and not m.get("embedder"):
+            m["embedder"] = embedder
         self._save_manifest(m)
         return len(docs)
 
+    def verify(self) -> Optional[str]:
+        """None when every search file matches the size and hash recorded at build, else what is wrong."""
+        recorded = (self.manifest().get("built") or {}).get("files") or {}
+        for name in SEARCH_FILES:
+            path = self.dir / name
+            if name not in recorded:
+                return f"{name} has no recorded size and hash"
+            if not path.exists():
+                return f"{name} is missing"
+            actual = file_digest(path)
+            if actual != recorded[name]:
+                return (f"{name} is {actual['size']:,} bytes with another hash; the build wrote "
+                        f"{recorded[name]['size']:,} bytes")
+        return None
+
     def build(self, faiss_factory: str = "auto") -> bool:
-        """(Re)build the search files from the chunks; False when they are already current."""
+        """(Re)build the search files from the chunks; False when they are already current and intact."""
         import bm25s
         import faiss
         import pyarrow as pa
@@ -136,8 +212,17 @@ class LocalIndex:
             raise ValueError(f"{self.dir}: nothing indexed (the corpus gave no documents)")
         built = m.get("built") or {}
         if built.get("chunks") == m["chunks"] and built.get("faiss_factory") == faiss_factory:
-            return False
-        table = pa.concat_tables([pq.read_table(self.dir / "chunks" / n) for n in m["chunks"]])
+            problem = self.verify()
+            if problem is None:
+                return False
+            log.warning("index %s: %s; rebuilding the search files from the chunks", self.dir, problem)
+        table = pa.concat_tables([self._read_chunk(n) for n in m["chunks"]])
+        # each id once, its latest version: a later chunk re-embedded a changed document
+        ids = table.column("id").to_pylist()
+        last = {doc_id: row for row, doc_id in enumerate(ids)}
+        if len(last) < len(ids):
+            log.info("index %s: %d superseded document versions left out", self.dir, len(ids) - len(last))
+            table = table.take(pa.array(sorted(last.values())))
         emb = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(table), -1)
         factory, nprobe = dense_layout(faiss_factory, len(emb))
         dense = faiss.index_factory(emb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
@@ -150,8 +235,16 @@ class LocalIndex:
         texts = [f"{t}\n{c}" if t else c for t, c in zip(titles, docs.column("content").to_pylist())]
         bm25 = bm25s.BM25()
         bm25.index(bm25_tokens(texts), show_progress=False)
-        bm25.save(str(self.dir / "bm25"), show_progress=False)
-        m["built"] = {"chunks": m["chunks"], "faiss_factory": faiss_factory, "faiss_index": factory, "nprobe": nprobe}
+        tmp_bm25 = self.dir / "bm25.tmp"
+        bm25.save(str(tmp_bm25), show_progress=False)
+        if (self.dir / "bm25").exists():
+            import shutil
+
+            shutil.rmtree(self.dir / "bm25")
+        os.replace(tmp_bm25, self.dir / "bm25")
+        files = {name: file_digest(self.dir / name) for name in SEARCH_FILES}
+        m["built"] = {"chunks": m["chunks"], "faiss_factory": faiss_factory, "faiss_index": factory, "nprobe": nprobe,
+                      "files": files}
         m["documents"] = len(docs)
         self._save_manifest(m)
         return True
@@ -166,9 +259,14 @@ class SearchIndex:
         import pyarrow.parquet as pq
 
         self.dir = Path(directory)
-        m = LocalIndex(directory).manifest()
+        local = LocalIndex(directory)
+        m = local.manifest()
         if not m.get("built"):
             raise FileNotFoundError(f"{self.dir} holds no built index; run `python -m medadapt index` first")
+        problem = local.verify()
+        if problem:
+            raise IndexCorruptError(f"index {self.dir} is corrupt: {problem}; run `python -m medadapt index` "
+                                    "(rebuilds the search files from the chunks) or `index --rebuild`")
         self.manifest = m
         self.dense = faiss.read_index(str(self.dir / "dense.faiss"))
         if m["built"].get("nprobe"):

@@ -123,7 +123,7 @@ def indexing_pipeline(cfg: IndexConfig):
     if cfg.store == "local":
         from medadapt.rag.retrievers import LocalIndexWriter
 
-        p.add_component("writer", LocalIndexWriter(cfg.dir))
+        p.add_component("writer", LocalIndexWriter(cfg.dir, embedder=cfg.embedder))
         p.connect("embedder.documents", "writer.documents")
     else:
         from haystack.components.writers import DocumentWriter
@@ -132,7 +132,7 @@ def indexing_pipeline(cfg: IndexConfig):
         from medadapt.rag.sparse import BM25SparseDocumentEmbedder
 
         p.add_component("sparse", BM25SparseDocumentEmbedder())
-        p.add_component("writer", DocumentWriter(qdrant_store(cfg), policy=DuplicatePolicy.SKIP))
+        p.add_component("writer", DocumentWriter(qdrant_store(cfg), policy=DuplicatePolicy.OVERWRITE))
         p.connect("embedder.documents", "sparse.documents")
         p.connect("sparse.documents", "writer.documents")
     return p
@@ -168,31 +168,62 @@ def retrieval_pipeline(cfg: IndexConfig, retrieval: RetrievalConfig):
     return p
 
 
-def build_index(corpus_cfg, cfg: IndexConfig) -> dict:
-    """Embed and store every corpus document the index does not hold yet; returns counts and rates."""
+def build_index(corpus_cfg, cfg: IndexConfig, rebuild: bool = False) -> dict:
+    """Embed and store every corpus document the index does not hold yet, or holds with another text (content
+    hash); returns counts and rates. The local store is locked for the whole run; ``rebuild`` starts over."""
+    from contextlib import nullcontext
+
+    from medadapt.rag.local_index import LocalIndex
+
+    local = LocalIndex(cfg.dir) if cfg.store == "local" else None
+    with local.writing() if local else nullcontext():
+        if rebuild:
+            forget_index(cfg)
+        return _build_index(corpus_cfg, cfg, local)
+
+
+def forget_index(cfg: IndexConfig) -> None:
+    """Delete what an index holds (``index --rebuild``): its chunks, manifest and search files."""
+    import shutil
+
+    if cfg.store == "local":
+        for name in ("chunks", "bm25", "retrieval_cache"):
+            shutil.rmtree(Path(cfg.dir) / name, ignore_errors=True)
+        for name in ("manifest.json", "dense.faiss", "docs.parquet"):
+            (Path(cfg.dir) / name).unlink(missing_ok=True)
+    else:
+        store = qdrant_store(cfg)
+        ids = [d.id for d in store.filter_documents()]
+        if ids:
+            store.delete_documents(ids)
+    log.warning("index %s: emptied for a rebuild", cfg.dir)
+
+
+def _build_index(corpus_cfg, cfg: IndexConfig, local) -> dict:
     from tqdm.auto import tqdm
 
     from medadapt.rag.corpus import documents
+    from medadapt.rag.local_index import content_hash
 
     docs = documents(corpus_cfg)
-    if cfg.store == "local":
-        from medadapt.rag.local_index import LocalIndex
-
-        local = LocalIndex(cfg.dir)
+    if local is not None:
         local.check_embedder(cfg.embedder)
-        done = local.indexed_ids()
+        done = local.indexed()
     else:
         store = qdrant_store(cfg)
-        done = {d.id for d in store.filter_documents()} if store.count_documents() else set()
+        done = {d.id: (d.meta or {}).get("hash") for d in store.filter_documents()} if store.count_documents() else {}
     pipeline = indexing_pipeline(cfg)
     warm = False
-    embedded, skipped, seconds = 0, 0, 0.0
+    embedded, changed, skipped, seconds = 0, 0, 0, 0.0
     bar = tqdm(desc=f"indexing into {cfg.dir}", unit="doc", disable=None)
     while True:
         batch = list(islice(docs, cfg.chunk_size))
         if not batch:
             break
-        todo = [d for d in batch if d.id not in done]
+        for d in batch:
+            d.meta["hash"] = content_hash(d.content, d.meta.get("title", ""))
+        todo = [d for d in batch if done.get(d.id) != d.meta["hash"]]
+        changed += sum(1 for d in todo if d.id in done)
         skipped += len(batch) - len(todo)
         if todo:
             if not warm:  # model loading is not indexing time: docs/s below is embedding + writing
@@ -205,13 +236,15 @@ def build_index(corpus_cfg, cfg: IndexConfig) -> dict:
         bar.update(len(batch))
         bar.set_postfix(embedded=embedded, docs_per_s=f"{embedded / seconds:.1f}" if seconds else "-")
     bar.close()
+    if changed:
+        log.warning("index %s: %d documents changed text since they were indexed: re-embedded", cfg.dir, changed)
     built = False
-    if cfg.store == "local":
+    if local is not None:
         start = time.perf_counter()
         built = local.build(cfg.faiss_factory)
         log.info("search files %s in %.1f s", "built" if built else "already current", time.perf_counter() - start)
-    stats = {"embedded": embedded, "already_indexed": skipped, "docs_per_s": embedded / seconds if seconds else None,
-             "rebuilt": built}
+    stats = {"embedded": embedded, "changed": changed, "already_indexed": skipped,
+             "docs_per_s": embedded / seconds if seconds else None, "rebuilt": built}
     log.info("index %s: %s", cfg.dir, stats)
     return stats
 

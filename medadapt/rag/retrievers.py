@@ -20,18 +20,18 @@ from medadapt.rag.local_index import LocalIndex, load_search_index
 class LocalIndexWriter:
     """Commits embedded documents to an index folder as one chunk (the indexing checkpoint)."""
 
-    def __init__(self, index_dir: str):
-        self.index_dir = index_dir
+    def __init__(self, index_dir: str, embedder: Optional[str] = None):
+        self.index_dir, self.embedder = index_dir, embedder
 
     @component.output_types(documents_written=int)
     def run(self, documents: list[Document]) -> dict:
         missing = [d.id for d in documents if d.embedding is None]
         if missing:
             raise ValueError(f"documents without an embedding reached the writer, e.g. {missing[:3]}")
-        return {"documents_written": LocalIndex(self.index_dir).write_chunk(documents)}
+        return {"documents_written": LocalIndex(self.index_dir).write_chunk(documents, self.embedder)}
 
     def to_dict(self) -> dict:
-        return default_to_dict(self, index_dir=self.index_dir)
+        return default_to_dict(self, index_dir=self.index_dir, embedder=self.embedder)
 
     @classmethod
     def from_dict(cls, data: dict) -> "LocalIndexWriter":

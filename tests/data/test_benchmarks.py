@@ -71,7 +71,7 @@ def test_hub_layouts_give_the_same_items(monkeypatch):
     }
     monkeypatch.setattr(sources, "load_rows", lambda dataset, *a, **k: Dataset.from_list(hub[dataset]))
     for task, items in local.items():
-        got = load_task(task)
+        got = load_task(task, allow_partial=True)
         assert [(g.prompt, g.gold) for g in got] == [(i.prompt, i.gold) for i in items]
 
 

@@ -37,5 +37,5 @@ def test_compare_writes_table_with_paired_counts_and_chart(tmp_path):
     table = (tmp_path / "cmp.md").read_text()
     assert "| base |" in table and "| sft |" in table
     c = sum(1 for k in keys if k[0] == "pubmedqa" and better[k] and not base[k])
-    assert f"| sft | pubmedqa | 0 | {c} | {mcnemar_exact(0, c):.3g} |" in table
+    assert f"| sft | pubmedqa | 50 | 0 | {c} | {mcnemar_exact(0, c):.3g} |" in table
     assert (tmp_path / "cmp.png").stat().st_size > 1000

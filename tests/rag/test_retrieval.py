@@ -63,11 +63,11 @@ def test_interrupted_run_resumes_with_every_document_once(tmp_path, monkeypatch)
     real_write = LocalIndex.write_chunk
     calls = {"n": 0}
 
-    def crash_on_third_chunk(self, docs):
+    def crash_on_third_chunk(self, docs, embedder=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed mid-run")
-        return real_write(self, docs)
+        return real_write(self, docs, embedder)
 
     monkeypatch.setattr(LocalIndex, "write_chunk", crash_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
