@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from medadapt.data.benchmarks import BenchmarkDataModule  # noqa: E402
+from medadapt.eval.data import BenchmarkDataModule  # noqa: E402
 from medadapt.eval.scoring import argmax_first  # noqa: E402
 from medadapt.model import ModelConfig, resolve_model_path  # noqa: E402
 from medadapt.module import CausalLMModule  # noqa: E402

@@ -260,6 +260,7 @@ class CausalLMModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._test_records: list[dict] = []
+        self._vllm_rows: list = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         from medadapt.eval.scoring import decide, forward_rows, score_rows
@@ -275,18 +276,57 @@ class CausalLMModule(L.LightningModule):
                                        "n_choices": len(item.choices), **decide(item, lls), **item.extra})
 
     def _generative_step(self, batch: dict, items: list) -> None:
-        from medadapt.eval.generative import decide_generated, generate
+        from medadapt.eval.generative import generate
 
-        budget = self.trainer.datamodule.hparams.max_new_tokens
-        for row, (text, finished) in zip(batch["gen_rows"], generate(self.model, self.tokenizer, batch, budget)):
+        if batch["generation"].backend == "vllm":  # generated all at once, by vLLM, when the epoch ends
+            self._vllm_rows += batch["gen_rows"]
+            self._vllm_generation = batch["generation"]
+            return
+        self._record_replies(batch["gen_rows"], generate(self.model, self.tokenizer, batch), items)
+
+    def _record_replies(self, rows: list, replies: list, items: list) -> None:
+        from medadapt.eval.generative import decide_generated
+
+        for row, answers in zip(rows, replies):
             item = items[row.item]
             self._test_records.append({"task": item.task, "id": item.id, "gold": item.gold, "loglikelihoods": None,
                                        "n_choices": len(item.choices),
-                                       **decide_generated(item, text, finished, row.thinking), **item.extra})
+                                       **decide_generated(item, answers, row.thinking), **item.extra})
+
+    def _generate_with_vllm(self, items: list) -> None:
+        """Serve the evaluated weights with vLLM (one process: vLLM parallelizes over GPUs itself)."""
+        import gc
+        import tempfile
+
+        from medadapt.eval import vllm_backend
+        from medadapt.model import resolve_dtype
+
+        if self.trainer.world_size > 1:
+            raise RuntimeError("generation.backend: vllm runs on one process; use generation.tensor_parallel_size or "
+                               "vllm_engine_args.data_parallel_size for several GPUs, not --trainer.devices")
+        adapter, tmp = self.init_adapter_path, None
+        if adapter is None and self.lora_used is not None:  # a fit checkpoint: its LoRA as a PEFT adapter
+            tmp = tempfile.TemporaryDirectory()
+            adapter = tmp.name
+            self.model.save_pretrained(adapter, safe_serialization=True, selected_adapters=["default"])
+            write_adapter_metadata(adapter, self.resolved_model_cfg, self.lora_used)
+        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
+            resolve_dtype(self.resolved_model_cfg.compute_dtype)]
+        model_dir, lora = vllm_backend.served_weights(self.resolved_model_cfg, adapter, dtype)
+        self.model = None  # free the HF copy (and its GPU memory) before vLLM takes the device
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        replies = vllm_backend.generate(self.tokenizer, self._vllm_rows, self._vllm_generation, model_dir, lora, dtype)
+        if tmp is not None:
+            tmp.cleanup()
+        self._record_replies(self._vllm_rows, replies, items)
 
     def on_test_epoch_end(self) -> None:
         from medadapt.eval.report import fingerprint, summarize, write_results
 
+        if self._vllm_rows:
+            self._generate_with_vllm(self.trainer.datamodule.items)
         records = self._test_records
         if self.trainer.world_size > 1:
             gathered: list = [None] * self.trainer.world_size
@@ -303,7 +343,8 @@ class CausalLMModule(L.LightningModule):
         if self.trainer.is_global_zero:
             dm = self.trainer.datamodule
             meta = {"model": asdict(self.resolved_model_cfg), "lora": asdict(self.lora_used) if self.lora_used else None,
-                    "adapter": self.init_adapter_path, "ckpt_path": self.trainer.ckpt_path, "data": dict(dm.hparams),
+                    "adapter": self.init_adapter_path, "ckpt_path": self.trainer.ckpt_path,
+                    "data": dm.settings() if hasattr(dm, "settings") else dict(dm.hparams),
                     "data_fingerprint": fingerprint(dm.items), "items_available": dict(getattr(dm, "available", {}))}
             path = write_results(self.hparams.results_dir, summary, records, meta)
             log.info("results: %s (macro acc %.4f over %d items)", path, summary["macro_avg_acc"], summary["n"])

@@ -125,7 +125,7 @@ def evaluate(trained, out, *extra) -> dict:
 
     cli(["test", "--model.model.name_or_path", trained["base"], "--model.model.compute_dtype", "float32",
          "--model.model.gradient_checkpointing", "false", "--model.lora", "null", "--model.results_dir", str(out),
-         "--data", "medadapt.data.benchmarks.BenchmarkDataModule", "--data.local_dir", str(DATA / "benchmarks"),
+         "--data", "medadapt.eval.data.BenchmarkDataModule", "--data.local_dir", str(DATA / "benchmarks"),
          "--data.tasks", '["pubmedqa"]', "--data.limit", "2", "--trainer.accelerator", "cpu",
          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *extra])
     return json.loads((out / "results.json").read_text())

@@ -162,7 +162,7 @@ def test_ddp_test_stage_scores_each_item_once_with_the_same_metrics(tiny_qwen, t
                 "--model.model.name_or_path", tiny_qwen, "--model.model.load_in_4bit", "false",
                 "--model.model.compute_dtype", "float32", "--model.model.gradient_checkpointing", "false",
                 "--model.lora", "null", "--model.results_dir", str(out),
-                "--data", "medadapt.data.benchmarks.BenchmarkDataModule",
+                "--data", "medadapt.eval.data.BenchmarkDataModule",
                 "--data.local_dir", str(SHARED_BENCH), "--data.tasks", '["pubmedqa", "mmlu_anatomy"]',
                 "--data.limit", "5", "--data.batch_size", "2",  # 10 items over 2 ranks × batch 2: uneven
                 "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),

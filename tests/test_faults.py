@@ -130,7 +130,7 @@ def test_a_results_folder_another_run_is_writing_is_refused(trained, tmp_path):
 
 
 def test_a_truncated_benchmark_is_an_error_unless_partial_is_allowed(trained, tmp_path):
-    from medadapt.data.benchmarks import IncompleteBenchmarkError
+    from medadapt.eval.tasks import IncompleteBenchmarkError
 
     local = tmp_path / "bench"
     shutil.copytree(BENCH, local)

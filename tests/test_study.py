@@ -11,7 +11,7 @@ import sys
 import torch
 import yaml
 
-from medadapt.data.benchmarks import TASKS
+from medadapt.eval.tasks import TASKS
 
 from .conftest import DATA, REPO
 
@@ -40,7 +40,7 @@ def write_configs(tmp_path, model: str, sft_file: str) -> None:
         "eval.yaml": {"trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False},
                       "model": {"model": {"name_or_path": model, "compute_dtype": "float32",
                                           "gradient_checkpointing": False}},
-                      "data": {"class_path": "medadapt.data.benchmarks.BenchmarkDataModule",
+                      "data": {"class_path": "medadapt.eval.data.BenchmarkDataModule",
                                "init_args": {"local_dir": str(DATA / "benchmarks"), "limit": 2, "batch_size": 4}}},
         "rag.yaml": {"corpus": {"data_files": str(DATA / "corpus" / "medquad.jsonl"), "text_fields": ["answer"],
                                 "title_field": "focus", "max_docs": 24},

@@ -52,14 +52,21 @@ def mismatch_warning(runs: dict[str, tuple[dict, dict]]) -> list[str]:
 
 def build_table(runs: dict[str, tuple[dict, dict]], baseline: str) -> str:
     tasks = sorted({t for results, _ in runs.values() for t in results["tasks"]})
-    head = "| method | " + " | ".join(tasks) + " | macro avg |"
-    lines = [*mismatch_warning(runs), head, "|" + "---|" * (len(tasks) + 2)]
+    # generative runs: pass@1 and the share of replies the reader could not read, so a format effect shows
+    generative = any("unparsable_rate" in results for results, _ in runs.values())
+    extra = ["macro pass@1", "unparsable replies"] if generative else []
+    head = "| method | " + " | ".join(tasks + ["macro avg"] + extra) + " |"
+    lines = [*mismatch_warning(runs), head, "|" + "---|" * (len(tasks) + 2 + len(extra))]
     for name, (results, _) in runs.items():
         cells = []
         for t in tasks:
             m = results["tasks"].get(t)
             cells.append("–" if m is None else f"{100 * m['acc']:.1f} [{100 * m['acc_ci95'][0]:.1f}, {100 * m['acc_ci95'][1]:.1f}]")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * results['macro_avg_acc']:.1f} |")
+        cells.append(f"{100 * results['macro_avg_acc']:.1f}")
+        if generative:
+            cells += [f"{100 * results['macro_avg_pass@1']:.1f}" if "macro_avg_pass@1" in results else "–",
+                      f"{100 * results['unparsable_rate']:.1f}%" if "unparsable_rate" in results else "–"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired exact McNemar test against `{baseline}` on the items both runs scored (n; b = only "
               f"{baseline} right, c = only the method right):", ""]
     lines += ["| method | task | n | b | c | p |", "|---|---|---:|---:|---:|---:|"]

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from medadapt.data.benchmarks import TASKS, Item, load_task
+from medadapt.eval.tasks import TASKS, Item, load_task
 
 log = logging.getLogger(__name__)
 WORD = re.compile(r"\w+")

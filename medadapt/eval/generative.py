@@ -2,21 +2,83 @@
 
 DeepSeek-R1-Distill models think before they answer, and log-likelihood scoring of ``" A"`` right
 after ``Answer:`` never lets them. In this mode the question goes through the model's chat template,
-the model generates up to a token budget, and the answer is read from the text after ``</think>``:
-``\\boxed{…}`` first (DeepSeek's recommended instruction asks for it), then "answer is X" phrases, then
-a bare option letter, then an option's text. Anything else is *unparsable*: counted per task in the
-results, scored as wrong, and kept with its generation in predictions.jsonl so it can be read.
+the model generates up to a token budget, and the answer is read from the text after ``</think>`` by
+the rules of ``eval/answers.py``. Anything else is *unparsable*: counted per task in the results, scored
+as wrong, and kept with its generation in predictions.jsonl so it can be read.
 """
 
 from __future__ import annotations
 
-import re
+from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
-from medadapt.data.benchmarks import INSTRUCTION, LETTERS, Item
+from medadapt.eval.tasks import INSTRUCTION, LETTERS, Item
+from medadapt.eval.answers import read_answer
+
+
+FORCED_ANSWER = "\n</think>\n\nThe final answer is"
+
+
+@dataclass
+class GenerationConfig:
+    """How replies are generated in ``generate`` mode. Defaults follow DeepSeek-R1's model card: sampling at
+    temperature 0.6, top-p 0.95, no system prompt, the instruction in the user turn, and the reply opened
+    with ``<think>\\n``. Every field is written to results.json.
+
+    Args:
+        backend: ``hf`` (transformers ``generate``, batched, under Lightning) or ``vllm`` (vLLM's offline
+            engine in its own interpreter; see ``eval/vllm_backend.py``).
+        max_new_tokens: Thinking budget: tokens per reply before budget forcing (R1-distill models often
+            need 2,000+).
+        temperature: Sampling temperature; 0 decodes greedily.
+        top_p: Nucleus sampling threshold.
+        samples: Replies per question. pass@1 is their mean correctness (DeepSeek reports it over 64);
+            the item's prediction is their majority vote (maj@n). Greedy decoding needs only 1.
+        seed: Seed of the sampling.
+        open_think: Open the reply with ``<think>\\n`` when the chat template does not (DeepSeek: "enforce
+            the model to initiate its response with <think>\\n").
+        answer_budget: Budget forcing (s1, m1): when a thought is still open at ``max_new_tokens``, close it
+            and ask for the final answer, with this many more tokens; such replies count as ``forced``,
+            apart from natural endings. 0 turns it off (a cut-off thought is then unparsable).
+        instruction: Sentence after every question (DeepSeek's recommended one asks for a boxed answer;
+            the reader does not need the box).
+        vllm_python: ``vllm`` backend: the interpreter with vLLM (default: ``$MEDADAPT_VLLM_PYTHON``, this
+            one if it has vLLM, or ``.venv-vllm/bin/python``).
+        tensor_parallel_size: ``vllm`` backend: GPUs one model is split over.
+        enforce_eager: ``vllm`` backend: skip CUDA-graph/compile warm-up (faster start, slower generation).
+        vllm_engine_args: ``vllm`` backend: more ``vllm.LLM`` arguments, e.g. ``{data_parallel_size: 8,
+            gpu_memory_utilization: 0.85}``.
+    """
+
+    backend: Literal["hf", "vllm"] = "hf"
+    max_new_tokens: int = 4096
+    temperature: float = 0.6
+    top_p: float = 0.95
+    samples: int = 1
+    seed: int = 1234
+    open_think: bool = True
+    answer_budget: int = 64
+    instruction: str = INSTRUCTION
+    vllm_python: Optional[str] = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    vllm_engine_args: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.max_new_tokens < 1 or self.answer_budget < 0:
+            raise ValueError("generation.samples and max_new_tokens must be ≥ 1 and answer_budget ≥ 0")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("generation.temperature must be ≥ 0 and top_p in (0, 1]")
+        if self.temperature == 0 and self.samples > 1:
+            raise ValueError("greedy decoding (temperature 0) gives one reply per question: set samples: 1, or a "
+                             "temperature to sample several")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 @dataclass
@@ -25,14 +87,15 @@ class GenRow:
 
     item: int
     input_ids: list[int]
-    thinking: bool = False  # the template opened a <think> block (R1-distill): the answer follows </think>
+    thinking: bool = False  # the prompt opened a <think> block: the answer follows </think>
 
 
 def user_message(item: Item, instruction: str = INSTRUCTION) -> str:
     """The question as a user turn; retrieved snippets (RAG arm) come first, as in the scored prompt."""
     if item.options:
+        letters = ", ".join(LETTERS[: len(item.options)])
         options = "\n".join(f"{k}. {v}" for k, v in zip(LETTERS, item.options))
-        ask = "Answer with the letter of the correct option."
+        ask = f"Answer with the letter ({letters}) of the correct option."
         return f"{item.context}{item.question.strip()}\n\n{options}\n\n{ask} {instruction}".strip()
     abstract = "\n".join(item.passages)
     ask = "Answer " + ", ".join(item.choices[:-1]) + " or " + item.choices[-1] + "."
@@ -40,118 +103,98 @@ def user_message(item: Item, instruction: str = INSTRUCTION) -> str:
     return f"{item.context}{head}Question: {item.question.strip()}\n\n{ask} {instruction}".strip()
 
 
-def gen_row(tokenizer, item: Item, index: int, instruction: str = INSTRUCTION) -> GenRow:
+def gen_row(tokenizer, item: Item, index: int, generation: GenerationConfig = GenerationConfig()) -> GenRow:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("generative mode needs a tokenizer with a chat template "
                          f"({getattr(tokenizer, 'name_or_path', tokenizer)!r} has none)")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user_message(item, instruction)}],
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user_message(item, generation.instruction)}],
                                          add_generation_prompt=True, tokenize=False)
+    if generation.open_think and not text.rstrip().endswith("<think>"):
+        text += "<think>\n"
     return GenRow(index, tokenizer.encode(text, add_special_tokens=False), text.rstrip().endswith("<think>"))
 
 
-def collate_generate(batch: list[list[GenRow]], pad_id: int) -> dict:
-    """Left-pad, so every row's next token is generated at the same position."""
-    batch = [r for rows in batch for r in rows]
-    width = max(len(r.input_ids) for r in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for b, r in enumerate(batch):
-        input_ids[b, width - len(r.input_ids) :] = torch.tensor(r.input_ids)
-        attention_mask[b, width - len(r.input_ids) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "gen_rows": batch}
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, so every row's next token is generated at the same position."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        input_ids[b, width - len(seq) :] = torch.tensor(seq)
+        attention_mask[b, width - len(seq) :] = 1
+    return input_ids, attention_mask
+
+
+def collate_generate(batch: list[list[GenRow]], pad_id: int, generation: GenerationConfig = GenerationConfig()) -> dict:
+    """A batch carries what scoring it needs: the rows (items, thinking) and the generation settings."""
+    rows = [r for group in batch for r in group]
+    input_ids, attention_mask = left_pad([r.input_ids for r in rows], pad_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "gen_rows": rows, "generation": generation}
+
+
+@dataclass
+class Reply:
+    """One generated reply: its text and how it ended (``natural``: EOS within the budget; ``forced``: the
+    thought was closed by budget forcing; ``cut``: the budget ran out with no forcing)."""
+
+    text: str
+    ending: str
 
 
 @torch.no_grad()
-def generate(model, tokenizer, batch: dict, max_new_tokens: int) -> list[tuple[str, bool]]:
-    """Greedy continuations of a left-padded batch: (text, whether it ended with EOS within the budget)."""
+def generate(model, tokenizer, batch: dict) -> list[list[Reply]]:
+    """``generation.samples`` replies per row of a left-padded batch, with budget forcing (HF backend)."""
+    g: GenerationConfig = batch["generation"]
+    eos = tokenizer.eos_token_id
+    sampling = {"do_sample": False} if g.greedy else {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p}
+    if not g.greedy:
+        torch.manual_seed(g.seed + batch["gen_rows"][0].item)  # reproducible, whatever else ran before
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    new = out[:, batch["input_ids"].shape[1] :].tolist()
-    results = []
-    for ids in new:
-        finished = tokenizer.eos_token_id in ids
-        if finished:
-            ids = ids[: ids.index(tokenizer.eos_token_id)]
-        results.append((tokenizer.decode(ids, skip_special_tokens=True), finished))
-    return results
+                         max_new_tokens=g.max_new_tokens, num_return_sequences=g.samples, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=eos, **sampling)
+    width = batch["input_ids"].shape[1]
+    new = [_until_eos(ids, eos) for ids in out[:, width:].tolist()]
+    rows = [r for r in batch["gen_rows"] for _ in range(g.samples)]
+    endings = ["natural" if done else "cut" for _, done in new]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in new]
+    cue = tokenizer.encode(FORCED_ANSWER, add_special_tokens=False)
+    force = [i for i, (row, (ids, done)) in enumerate(zip(rows, new))
+             if g.answer_budget and row.thinking and not done and "</think>" not in texts[i]]
+    if force:
+        prompts = [rows[i].input_ids + new[i][0] + cue for i in force]
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+        more = model.generate(input_ids=ids.to(batch["input_ids"].device), attention_mask=mask.to(batch["input_ids"].device),
+                              max_new_tokens=g.answer_budget, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                              **sampling)
+        for i, answer in zip(force, more[:, ids.shape[1]:].tolist()):
+            texts[i] = tokenizer.decode(new[i][0] + cue + _until_eos(answer, eos)[0], skip_special_tokens=True)
+            endings[i] = "forced"
+    replies = [Reply(t, e) for t, e in zip(texts, endings)]
+    return [replies[k * g.samples : (k + 1) * g.samples] for k in range(len(batch["gen_rows"]))]
 
 
-# ---- answer extraction -----------------------------------------------------------------------------
-def _norm(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
+def _until_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
+    return (ids[: ids.index(eos)], True) if eos in ids else (ids, False)
 
 
-def _boxed(text: str) -> list[str]:
-    """Contents of every ``\\boxed{…}``, nested braces allowed."""
-    found, start = [], 0
-    while (at := text.find("\\boxed{", start)) >= 0:
-        depth, i = 1, at + len("\\boxed{")
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        found.append(text[at + len("\\boxed{") : i - 1])
-        start = i
-    return found
-
-
-def _choice_in(span: str, item: Item, strict: bool = False) -> Optional[int]:
-    """The choice a short answer span names: an option letter, or a choice/option text, or None.
-
-    ``strict`` (a whole answer rather than the span after "answer is"): a letter counts only as the whole
-    answer ("B", "(B)", "B.") or followed by that very option's text, so neither "A patient with…" nor a
-    model reciting the option list ("A. …\nB. …") is read as option A.
-    """
-    span = re.sub(r"\\text\{([^}]*)\}", r"\1", span).strip().strip("*$ ")
-    if item.options:
-        if strict:
-            m = re.match(r"^\(?([A-D])(?:[\).:]\s*(.*))?$", span, re.DOTALL)
-            if m and (not m.group(2) or _norm(m.group(2)) == _norm(item.options[LETTERS.index(m.group(1))])):
-                return LETTERS.index(m.group(1))
-        else:
-            m = re.match(r"^\(?([A-D])(?:[\).:\s,]|$)", span)
-            if m:
-                return LETTERS.index(m.group(1))
-        texts = item.options
-    else:
-        texts = item.choices
-    normalized = _norm(span)
-    exact = [i for i, t in enumerate(texts) if _norm(t) == normalized]
-    if len(exact) == 1:
-        return exact[0]
-    words = f" {normalized} "
-    contained = [i for i, t in enumerate(texts) if _norm(t) and f" {_norm(t)} " in words]
-    return contained[0] if len(contained) == 1 else None
-
-
-ANSWER_PHRASE = re.compile(r"(?:final answer|correct answer|correct option|the answer|answer)\s*(?:is|would be|:)?\s*:?\s*"
-                           r"([^\n]{1,120})", re.IGNORECASE)
-
-
+# ---- answer extraction (rules in eval/answers.py) -----------------------------------------------------
 def extract_answer(text: str, item: Item, thinking: bool = False) -> Optional[int]:
-    """Index of the chosen answer in ``item.choices``, or None when the text does not name exactly one.
-
-    ``thinking``: the prompt opened a ``<think>`` block (newer R1 templates do; older ones leave it to the
-    model), so, as when the text itself opens one, an answer exists only after ``</think>``.
-    """
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    elif thinking or "<think>" in text:
-        return None  # the budget ran out mid-thought: whatever it said so far is not an answer
-    for span in reversed(_boxed(text)):
-        choice = _choice_in(span, item)
-        if choice is not None:
-            return choice
-    for m in reversed(list(ANSWER_PHRASE.finditer(text))):
-        choice = _choice_in(m.group(1), item)
-        if choice is not None:
-            return choice
-    return _choice_in(text, item, strict=True)
+    """Index of the chosen answer in ``item.choices``, or None when the reply does not name exactly one."""
+    if item.options:
+        return read_answer(text, LETTERS[: len(item.options)], item.options, thinking)
+    return read_answer(text, item.choices, item.choices, thinking)
 
 
-def decide_generated(item: Item, text: str, finished: bool, thinking: bool) -> dict:
-    pred = extract_answer(text, item, thinking)
-    pred = -1 if pred is None else pred
+def decide_generated(item: Item, replies: list[Reply], thinking: bool) -> dict:
+    """The item's record: each reply read; ``pred`` is their majority vote (the first-seen answer among ties;
+    -1 when none names a choice), ``pass1`` the share of replies that are right."""
+    preds = [extract_answer(r.text, item, thinking) for r in replies]
+    preds = [-1 if p is None else p for p in preds]
+    votes = Counter(p for p in preds if p >= 0)
+    pred = max(votes, key=lambda p: (votes[p], -preds.index(p))) if votes else -1
     acc = float(pred == item.gold)
-    return {"pred": pred, "pred_norm": pred, "acc": acc, "acc_norm": acc, "unparsable": pred < 0,
-            "finished": finished, "generation": text}
+    return {"pred": pred, "pred_norm": pred, "acc": acc, "acc_norm": acc,
+            "pass1": sum(p == item.gold for p in preds) / len(preds), "samples": len(preds),
+            "unparsable": sum(p < 0 for p in preds), "forced": sum(r.ending == "forced" for r in replies),
+            "cut": sum(r.ending == "cut" for r in replies),
+            "replies": [{"pred": p, "ending": r.ending, "generation": r.text} for p, r in zip(preds, replies)]}

@@ -25,7 +25,8 @@ Z95 = 1.96  # two-sided 95% normal quantile, as lm-eval reports intervals
 
 def task_metrics(records: list[dict]) -> dict[str, Any]:
     """acc / acc_norm with lm-eval's stderr and 95% CI. An unparsable generative answer (pred -1) is its
-    own extra class, so it counts as wrong without being dropped from the denominator."""
+    own extra class, so it counts as wrong without being dropped from the denominator. Generative records
+    add pass@1 (mean over each item's replies, CI over items), unparsable/forced/cut reply counts."""
     n = len(records)
     out: dict[str, Any] = {"n": n}
     classes = max(r.get("n_choices") or len(r["loglikelihoods"]) for r in records)
@@ -37,7 +38,16 @@ def task_metrics(records: list[dict]) -> dict[str, Any]:
         out[key] = acc
         out[f"{key}_stderr"] = stderr
         out[f"{key}_ci95"] = [acc - Z95 * stderr, acc + Z95 * stderr]
-    out["unparsable"] = sum(1 for r in records if r.get("unparsable"))
+    out["unparsable"] = sum(int(r.get("unparsable") or 0) for r in records)
+    if any("pass1" in r for r in records):  # generative: per-reply counts, pass@1 over the replies
+        replies = sum(r["samples"] for r in records)
+        per_item = [r["pass1"] for r in records]
+        mean = sum(per_item) / n
+        stderr = math.sqrt(sum((x - mean) ** 2 for x in per_item) / (n - 1) / n) if n > 1 else float("nan")
+        out.update({"pass@1": mean, "pass@1_stderr": stderr, "pass@1_ci95": [mean - Z95 * stderr, mean + Z95 * stderr],
+                    "samples_per_item": records[0]["samples"], "replies": replies,
+                    "unparsable_rate": out["unparsable"] / replies,
+                    "forced": sum(r.get("forced", 0) for r in records), "cut": sum(r.get("cut", 0) for r in records)})
     return out
 
 
@@ -47,12 +57,18 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         by_task.setdefault(r["task"], []).append(r)
     tasks = {t: task_metrics(rs) for t, rs in sorted(by_task.items())}
     total = sum(m["n"] for m in tasks.values())
-    return {
+    out = {
         "tasks": tasks,
         "macro_avg_acc": sum(m["acc"] for m in tasks.values()) / len(tasks) if tasks else float("nan"),
         "weighted_avg_acc": sum(m["acc"] * m["n"] for m in tasks.values()) / total if total else float("nan"),
         "n": total,
     }
+    if tasks and all("pass@1" in m for m in tasks.values()):
+        replies = sum(m["replies"] for m in tasks.values())
+        out.update({"macro_avg_pass@1": sum(m["pass@1"] for m in tasks.values()) / len(tasks),
+                    "unparsable_rate": sum(m["unparsable"] for m in tasks.values()) / replies,
+                    "forced_rate": sum(m["forced"] for m in tasks.values()) / replies})
+    return out
 
 
 def fingerprint(items) -> str:

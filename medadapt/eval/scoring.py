@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medadapt.data.benchmarks import Item
+from medadapt.eval.tasks import Item
 
 
 @dataclass

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from medadapt.data.benchmarks import MMLU_SUBJECTS, MalformedItemError, load_task, select
+from medadapt.eval.tasks import MMLU_SUBJECTS, MalformedItemError, load_task, select
 
 from ..conftest import DATA
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medadapt.data.benchmarks import PUBMEDQA_CHOICES, Item
+from medadapt.eval.tasks import PUBMEDQA_CHOICES, Item
 
 
 def hub_doc(item: Item) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from medadapt.data.benchmarks import load_task
+from medadapt.eval.tasks import load_task
 from medadapt.eval.decontaminate import BenchmarkIndex, main, scan
 
 from ..conftest import DATA, SFT_SAMPLE

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from medadapt.data.benchmarks import TASKS, BenchmarkDataModule
+from medadapt.eval.data import BenchmarkDataModule
+from medadapt.eval.tasks import TASKS
 from medadapt.eval.scoring import collate_rows, encode_pair, forward_rows, item_rows, score_rows
 
 from ..conftest import DATA, tiny_trainer

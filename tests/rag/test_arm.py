@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from medadapt.data.benchmarks import BenchmarkDataModule
+from medadapt.eval.data import BenchmarkDataModule
 from medadapt.rag.context import HEADER, RagArmConfig, format_context
 
 from ..conftest import DATA

@@ -13,11 +13,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
-
-import lightning as L
-
-from medadapt.rag.context import RagArmConfig
+from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -219,100 +215,3 @@ def select(items: list[Item], limit: Optional[int], seed: int) -> list[Item]:
         return items
     keep = sorted(random.Random(seed).sample(range(len(items)), limit))
     return [items[i] for i in keep]
-
-
-class BenchmarkDataModule(L.LightningDataModule):
-    """Test-stage data: the leaderboard tasks as lm-eval-exact scoring rows, batched by length.
-
-    Args:
-        tasks: Tasks to evaluate (default: all nine leaderboard tasks).
-        local_dir: A folder in the layout of ``shared/data/benchmarks`` (MIRAGE/PubMedQA files); null
-            loads each task's hub dataset, as lm-evaluation-harness does.
-        limit: Evaluate a seeded random subset of this many items per task; null = the full sets.
-        seed: Seed of that subset.
-        batch_size: Questions per forward batch (questions are sorted by length to limit padding).
-        max_length: Inputs longer than this are left-truncated, as lm-eval does at the model length.
-        tokenizer: Tokenizer name or path; null takes the model's.
-        num_workers: DataLoader worker processes.
-        mode: ``loglikelihood`` scores each choice as lm-eval does (the leaderboard's numbers);
-            ``generate`` lets the model answer through its chat template (reasoning models think
-            first) and extracts the answer; unparsable answers are counted per task.
-        max_new_tokens: Generative mode: token budget per answer, thinking included (R1-distill
-            models often need 2,000+; an answer cut off mid-thought counts as unparsable).
-        instruction: Generative mode: sentence appended to every question (DeepSeek's recommended
-            one asks for a ``\\boxed{}`` answer, which extraction reads first).
-        rag: Put retrieved snippets before every question (the RAG method); null for none.
-        allow_partial: Evaluate a task whose copy has another number of items than the leaderboard's
-            test set (a cut file, another version); false makes that an error. results.json records
-            each task's available and evaluated counts either way.
-    """
-
-    def __init__(
-        self,
-        tasks: list[str] = TASKS,
-        local_dir: Optional[str] = None,
-        limit: Optional[int] = None,
-        seed: int = 1234,
-        batch_size: int = 8,
-        max_length: int = 4096,
-        tokenizer: Optional[str] = None,
-        num_workers: int = 0,
-        mode: Literal["loglikelihood", "generate"] = "loglikelihood",
-        max_new_tokens: int = 2048,
-        instruction: str = INSTRUCTION,
-        rag: Optional[RagArmConfig] = None,
-        allow_partial: bool = False,
-    ):
-        super().__init__()
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose from {TASKS}")
-        self.save_hyperparameters()
-        self.items: list[Item] = []
-        self.encoded: list[list] = []
-
-    def setup(self, stage: str) -> None:
-        if self.items:
-            return
-        from medadapt.data.sources import tokenizer_for
-        from medadapt.eval.generative import gen_row
-        from medadapt.eval.scoring import item_rows
-
-        h = self.hparams
-        self.tokenizer = tokenizer_for(self, h.tokenizer)
-        self.available: dict[str, int] = {}
-        for task in h.tasks:
-            items = load_task(task, h.local_dir, h.allow_partial)
-            self.available[task] = len(items)
-            self.items += select(items, h.limit, h.seed)
-        if h.rag is not None:
-            from medadapt.rag.context import with_context
-
-            # LightningCLI hands a subclass-mode module's nested dataclass over as a dict
-            rag = RagArmConfig(**h.rag) if isinstance(h.rag, dict) else h.rag
-            self.items = with_context(self.items, rag, self.tokenizer)
-        if h.mode == "generate":
-            encoded = [[gen_row(self.tokenizer, it, i, h.instruction)] for i, it in enumerate(self.items)]
-        else:
-            encoded = [item_rows(self.tokenizer, it, i, h.max_length) for i, it in enumerate(self.items)]
-        # longest first, as lm-eval orders requests: padding stays small and a memory error shows at once
-        self.encoded = sorted(encoded, key=lambda rows: -max(len(r.input_ids) for r in rows))
-        log.info("%d benchmark items (%s), %d forward rows", len(self.items), ", ".join(h.tasks),
-                 sum(len(e) for e in self.encoded))
-
-    def test_dataloader(self):
-        from functools import partial
-
-        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-        from torch.utils.data import DataLoader
-
-        from medadapt.eval.generative import collate_generate
-        from medadapt.eval.scoring import collate_items
-
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        # unrepeated: a padded DistributedSampler would score some items twice under DDP
-        sampler = UnrepeatedDistributedSampler(self.encoded, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(self.encoded, batch_size=self.hparams.batch_size, sampler=sampler,
-                          num_workers=self.hparams.num_workers,
-                          collate_fn=partial(collate_generate if self.hparams.mode == "generate" else collate_items,
-                                             pad_id=self.tokenizer.pad_token_id))

@@ -1,0 +1,131 @@
+"""The test stage's data: benchmark items → scoring rows (log-likelihood) or chat prompts (generation).
+
+Items come from ``eval/tasks.py`` (the leaderboard tasks); the RAG arm puts retrieved snippets before each
+question (``rag/context.py``). Each batch carries what the module needs to score it: its rows, and in
+generate mode the generation settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Optional
+
+import lightning as L
+
+from medadapt.eval.generative import GenerationConfig
+from medadapt.eval.tasks import TASKS, Item, load_task, select
+from medadapt.rag.context import RagArmConfig
+
+log = logging.getLogger(__name__)
+
+
+class BenchmarkDataModule(L.LightningDataModule):
+    """Test-stage data: the leaderboard tasks as lm-eval-exact scoring rows, batched by length.
+
+    Args:
+        tasks: Tasks to evaluate (default: all nine leaderboard tasks).
+        local_dir: A folder in the layout of ``shared/data/benchmarks`` (MIRAGE/PubMedQA files); null
+            loads each task's hub dataset, as lm-evaluation-harness does.
+        limit: Evaluate a seeded random subset of this many items per task; null = the full sets.
+        seed: Seed of that subset.
+        batch_size: Questions per forward batch (questions are sorted by length to limit padding).
+        max_length: Inputs longer than this are left-truncated, as lm-eval does at the model length.
+        tokenizer: Tokenizer name or path; null takes the model's.
+        num_workers: DataLoader worker processes.
+        mode: ``loglikelihood`` scores each choice as lm-eval does (the leaderboard's numbers);
+            ``generate`` lets the model answer through its chat template (reasoning models think
+            first) and extracts the answer; unparsable answers are counted per task.
+        generation: Generative mode: backend, sampling (DeepSeek-R1's protocol by default), samples per
+            question, thinking budget and budget forcing, instruction (``eval/generative.py``).
+        rag: Put retrieved snippets before every question (the RAG method); null for none.
+        allow_partial: Evaluate a task whose copy has another number of items than the leaderboard's
+            test set (a cut file, another version); false makes that an error. results.json records
+            each task's available and evaluated counts either way.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str] = TASKS,
+        local_dir: Optional[str] = None,
+        limit: Optional[int] = None,
+        seed: int = 1234,
+        batch_size: int = 8,
+        max_length: int = 4096,
+        tokenizer: Optional[str] = None,
+        num_workers: int = 0,
+        mode: Literal["loglikelihood", "generate"] = "loglikelihood",
+        generation: Optional[GenerationConfig] = None,
+        rag: Optional[RagArmConfig] = None,
+        allow_partial: bool = False,
+    ):
+        super().__init__()
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {TASKS}")
+        self.save_hyperparameters()
+        # LightningCLI hands a subclass-mode module's nested dataclasses over as dicts
+        self.generation = as_config(GenerationConfig, generation)
+        self.rag = as_config(RagArmConfig, rag) if rag is not None else None
+        self.items: list[Item] = []
+        self.encoded: list[list] = []
+
+    def setup(self, stage: str) -> None:
+        if self.items:
+            return
+        from medadapt.data.sources import tokenizer_for
+        from medadapt.eval.generative import gen_row
+        from medadapt.eval.scoring import item_rows
+
+        h = self.hparams
+        self.tokenizer = tokenizer_for(self, h.tokenizer)
+        self.available: dict[str, int] = {}
+        for task in h.tasks:
+            items = load_task(task, h.local_dir, h.allow_partial)
+            self.available[task] = len(items)
+            self.items += select(items, h.limit, h.seed)
+        if self.rag is not None:
+            from medadapt.rag.context import with_context
+
+            self.items = with_context(self.items, self.rag, self.tokenizer)
+        if h.mode == "generate":
+            encoded = [[gen_row(self.tokenizer, it, i, self.generation)] for i, it in enumerate(self.items)]
+        else:
+            encoded = [item_rows(self.tokenizer, it, i, h.max_length) for i, it in enumerate(self.items)]
+        # longest first, as lm-eval orders requests: padding stays small and a memory error shows at once
+        self.encoded = sorted(encoded, key=lambda rows: -max(len(r.input_ids) for r in rows))
+        log.info("%d benchmark items (%s), %d forward rows", len(self.items), ", ".join(h.tasks),
+                 sum(len(e) for e in self.encoded))
+
+    def settings(self) -> dict:
+        """Every setting as used (nested configs resolved): what results.json records."""
+        from dataclasses import asdict
+
+        out = dict(self.hparams)
+        out["generation"] = asdict(self.generation) if self.hparams.mode == "generate" else None
+        out["rag"] = asdict(self.rag) if self.rag is not None else None
+        return out
+
+    def test_dataloader(self):
+        from functools import partial
+
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+        from torch.utils.data import DataLoader
+
+        from medadapt.eval.generative import collate_generate
+        from medadapt.eval.scoring import collate_items
+
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        # unrepeated: a padded DistributedSampler would score some items twice under DDP
+        sampler = UnrepeatedDistributedSampler(self.encoded, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(self.encoded, batch_size=self.hparams.batch_size, sampler=sampler,
+                          num_workers=self.hparams.num_workers,
+                          collate_fn=partial(collate_generate, pad_id=self.tokenizer.pad_token_id,
+                                             generation=self.generation) if self.hparams.mode == "generate"
+                          else partial(collate_items, pad_id=self.tokenizer.pad_token_id))
+
+
+def as_config(cls, value):
+    """A config dataclass from itself, a dict of its fields (LightningCLI, YAML) or None (its defaults)."""
+    if value is None:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value

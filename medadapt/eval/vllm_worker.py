@@ -1,0 +1,88 @@
+"""Generate with vLLM's offline engine: token ids in, token ids out. Runs in vLLM's own interpreter.
+
+    <vllm python> vllm_worker.py REQUEST.json RESPONSE.json
+
+It imports nothing from medadapt (vLLM pins its own torch/transformers/numpy, so it usually lives in a
+venv of its own: ``scripts/install.sh`` makes ``.venv-vllm``). The request names the model folder, an
+optional LoRA adapter (``LoRARequest``), the prompts as token ids, the sampling settings and the budget
+forcing settings; the response holds every sample's new token ids. Budget forcing runs a second round in
+the same engine: a sample that stopped at the length limit with its thought still open gets the cue ids
+appended (``</think>`` + "The final answer is") and ``force.budget`` more tokens.
+
+The ``__main__`` guard matters: vLLM's multiprocess engine re-imports the main module in its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def contains(seq: list[int], sub: list[int]) -> bool:
+    n = len(sub)
+    return n > 0 and any(seq[i : i + n] == sub for i in range(len(seq) - n + 1))
+
+
+def run(request: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    lora = request.get("lora")
+    engine = {"model": request["model"], "tokenizer": request.get("tokenizer") or request["model"],
+              "dtype": request.get("dtype", "auto"), "seed": request["sampling"]["seed"],
+              "enforce_eager": request.get("enforce_eager", False),
+              "tensor_parallel_size": request.get("tensor_parallel_size", 1),
+              "max_model_len": request.get("max_model_len"), "trust_remote_code": request.get("trust_remote_code", False)}
+    if lora:
+        engine.update(enable_lora=True, max_lora_rank=max(8, lora["rank"]), max_loras=1)
+    engine.update(request.get("engine_args") or {})
+    llm = LLM(**{k: v for k, v in engine.items() if v is not None})
+    lora_request = None
+    if lora:
+        from vllm.lora.request import LoRARequest
+
+        lora_request = LoRARequest("adapter", 1, lora["path"])
+    s = request["sampling"]
+    greedy = s["temperature"] == 0
+    common = {"temperature": 0.0 if greedy else s["temperature"], "top_p": 1.0 if greedy else s["top_p"],
+              "stop_token_ids": request["eos"], "detokenize": False, "skip_special_tokens": False}
+    prompts = request["prompts"]
+    started = time.perf_counter()
+    # one request per prompt with its own seed: a prompt's samples do not depend on what it is batched with
+    params = [SamplingParams(n=s["n"], max_tokens=s["max_tokens"], seed=s["seed"] + i, **common)
+              for i in range(len(prompts))]
+    first = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora_request,
+                         use_tqdm=False)
+    outputs = [[{"ids": list(c.token_ids), "finished": c.finish_reason == "stop", "forced": None} for c in o.outputs]
+               for o in first]
+    force = request.get("force") or {}
+    todo = [(i, k) for i, samples in enumerate(outputs) for k, sample in enumerate(samples)
+            if force.get("budget") and request["thinking"][i] and not sample["finished"]
+            and not contains(sample["ids"], force["close"])]
+    if todo:
+        again = [TokensPrompt(prompt_token_ids=prompts[i] + outputs[i][k]["ids"] + force["cue"]) for i, k in todo]
+        more = llm.generate(again, [SamplingParams(n=1, max_tokens=force["budget"], seed=s["seed"] + 7919 * (i + 1) + k,
+                                                   **common) for i, k in todo],
+                            lora_request=lora_request, use_tqdm=False)
+        for (i, k), o in zip(todo, more):
+            outputs[i][k]["forced"] = list(o.outputs[0].token_ids)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(x["ids"]) + len(x["forced"] or []) for samples in outputs for x in samples)
+    return {"outputs": outputs, "seconds": seconds, "generated_tokens": tokens}
+
+
+def main(argv: list[str]) -> None:
+    request_path, response_path = argv
+    with open(request_path) as f:
+        request = json.load(f)
+    response = run(request)
+    with open(response_path + ".tmp", "w") as f:
+        json.dump(response, f)
+    import os
+
+    os.replace(response_path + ".tmp", response_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,110 @@
+"""The vllm generation backend: the same test stage, files and answers as the HF backend, from vLLM.
+
+These run the CPU build of vLLM (``.venv-vllm``, made by scripts/install.sh) on SmolLM2-135M (vLLM's CPU
+attention needs head_dim ≥ 32; the suite's tiny models have 16). They skip only where no vLLM interpreter
+exists, and never under CI. fp32 greedy decoding is token-identical between the two engines on this
+model (issue 13 measured 16/16); the tests require identical answers and nearly identical texts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from medadapt.eval.vllm_backend import VLLMUnavailableError, served_weights, vllm_python
+from medadapt.model import LoraConfig, ModelConfig
+
+from ..conftest import DATA
+
+SMOL = "smollm2-135m-instruct"
+
+
+def have_vllm() -> None:
+    try:
+        vllm_python()
+    except VLLMUnavailableError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the vLLM tests: {e}")
+        pytest.skip(str(e))
+
+
+def run(tmp_path, name: str, backend: str, adapter=None) -> tuple[dict, list[dict]]:
+    from medadapt.eval.data import BenchmarkDataModule
+    from medadapt.module import CausalLMModule
+
+    from ..conftest import tiny_trainer
+
+    module = CausalLMModule(model=ModelConfig(name_or_path=SMOL, compute_dtype="float32", gradient_checkpointing=False),
+                            lora=None, init_adapter=adapter, results_dir=str(tmp_path / name))
+    data = BenchmarkDataModule(local_dir=str(DATA / "benchmarks"), tasks=["medqa_4options", "pubmedqa"], limit=3,
+                               seed=3, batch_size=3, mode="generate",
+                               generation={"backend": backend, "temperature": 0.0, "max_new_tokens": 24,
+                                           "answer_budget": 8, "enforce_eager": True})
+    tiny_trainer(tmp_path).test(module, data)
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    return results, [json.loads(line) for line in open(tmp_path / name / "predictions.jsonl")]
+
+
+def agree(hf: list[dict], vllm: list[dict]) -> tuple[int, int]:
+    same_text = sum(a["replies"][0]["generation"] == b["replies"][0]["generation"] for a, b in zip(hf, vllm))
+    same_answer = sum(a["pred"] == b["pred"] for a, b in zip(hf, vllm))
+    return same_text, same_answer
+
+
+@pytest.mark.slow
+def test_vllm_backend_gives_the_hf_backends_answers_and_files(tmp_path, monkeypatch):
+    have_vllm()
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    hf_results, hf = run(tmp_path, "hf", "hf")
+    vl_results, vl = run(tmp_path, "vllm", "vllm")
+    assert [(p["task"], p["id"]) for p in hf] == [(p["task"], p["id"]) for p in vl] and len(vl) == 6
+    same_text, same_answer = agree(hf, vl)
+    assert same_answer == 6 and same_text >= 5, (same_text, same_answer)
+    assert vl_results.keys() == hf_results.keys() and vl_results["tasks"].keys() == hf_results["tasks"].keys()
+    assert vl_results["data"]["generation"]["backend"] == "vllm"
+
+
+@pytest.mark.slow
+def test_vllm_serves_an_adapter_through_lora_request(tmp_path, monkeypatch):
+    have_vllm()
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    from medadapt.weights import write_scaled_adapter
+
+    adapter = tmp_path / "adapter"
+    cfg = write_scaled_adapter(ModelConfig(name_or_path=SMOL, load_in_4bit=False, compute_dtype="float32",
+                                           gradient_checkpointing=False), adapter, rho=0.05,
+                               lora=LoraConfig(r=8, alpha=16, dropout=0.0))
+    assert served_weights(cfg, str(adapter), "float32")[1]["rank"] == 8  # base + LoRARequest, not a merge
+    _, base = run(tmp_path, "base", "hf")
+    _, hf = run(tmp_path, "hf", "hf", adapter=str(adapter))
+    _, vl = run(tmp_path, "vllm", "vllm", adapter=str(adapter))
+    assert agree(base, hf)[0] < 6  # the adapter changes what is generated
+    same_text, same_answer = agree(hf, vl)
+    assert same_answer == 6 and same_text >= 5, (same_text, same_answer)
+
+
+def test_4bit_and_stacked_weights_are_served_merged(tiny_qwen, tmp_path, monkeypatch):
+    """vLLM applies one LoRA to full-precision weights: a 4-bit base (QLoRA) or stacked base adapters are
+    served as one folder merged into the dequantized weights, which computes what the HF backend evaluates."""
+    from transformers import AutoModelForCausalLM
+
+    from medadapt.model import load_model
+    from medadapt.weights import write_scaled_adapter
+
+    monkeypatch.setenv("MEDADAPT_CACHE", str(tmp_path / "cache"))
+    nf4 = ModelConfig(name_or_path=tiny_qwen, load_in_4bit=True, compute_dtype="float32", base_adapters=[],
+                      gradient_checkpointing=False)
+    write_scaled_adapter(nf4, tmp_path / "a", rho=0.02)
+    folder, lora = served_weights(nf4, str(tmp_path / "a"), "float32")
+    assert lora is None and folder.startswith(str(tmp_path / "cache"))
+    assert served_weights(nf4, str(tmp_path / "a"), "float32")[0] == folder  # cached
+    x = torch.randint(0, 5000, (1, 12))
+    with torch.no_grad():
+        evaluated = load_model(nf4, adapter=str(tmp_path / "a"), training=False)(input_ids=x).logits
+        served = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=x).logits
+    assert (served - evaluated).abs().max() < 1e-4
+    plain = ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, base_adapters=[])
+    assert served_weights(plain, None, "float32") == (tiny_qwen, None)
