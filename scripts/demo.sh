@@ -5,7 +5,7 @@
 # About 45 minutes on 2 cores; re-running reuses everything already built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+MEDADAPT_SKIP_VLLM=${MEDADAPT_SKIP_VLLM:-1} bash scripts/install.sh  # the demo does not need vLLM
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m medadapt study --config configs/demo/study.yaml "$@"
 echo "table: results/demo-study/comparison.md   chart: results/demo-study/comparison.png   logs: tensorboard --logdir lightning_logs"

@@ -146,6 +146,7 @@ def fit_metrics(tmp_path: Path, model_path: str, data_file: str, devices: int, b
     return [r for r in rows if r.get("train/loss")]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_qwen, short_sft_file, tmp_path):
     one = fit_metrics(tmp_path, tiny_qwen, short_sft_file, devices=1, batch_size=2)
     two = fit_metrics(tmp_path, tiny_qwen, short_sft_file, devices=2, batch_size=1)
@@ -155,6 +156,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tiny_qwen,
         assert float(b["train/grad_norm"]) == pytest.approx(float(a["train/grad_norm"]), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_ddp_test_stage_scores_each_item_once_with_the_same_metrics(tiny_qwen, tmp_path):
     def run(devices: int) -> dict:
         out = tmp_path / f"eval{devices}"

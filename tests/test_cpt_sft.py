@@ -122,6 +122,7 @@ def run_chain(tmp_path, monkeypatch, name: str, cpt_lr: float, model: str, sft_f
     return {s["stage"]: s["adapter"] for s in multistep.run(stages, str(tmp_path / name))}
 
 
+@pytest.mark.slow
 def test_zero_lr_cpt_starts_stage_two_as_plain_sft_and_real_cpt_does_not(tiny_qwen, short_sft_file, tmp_path,
                                                                            monkeypatch):
     from safetensors.torch import load_file

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -65,6 +66,7 @@ def snapshot(root) -> dict:
     return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "comparison" not in p.name}
 
 
+@pytest.mark.slow
 def test_study_end_to_end_then_reuses_everything(tiny_qwen, short_sft_file, tmp_path):
     write_configs(tmp_path, tiny_qwen, short_sft_file)
     out = run_study(tmp_path)

@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 import lightning as L
 
+from medadapt.eval.custom_task import CustomTask, load_custom
 from medadapt.eval.generative import GenerationConfig
 from medadapt.eval.tasks import TASKS, Item, load_task, select
 from medadapt.rag.context import RagArmConfig
@@ -38,6 +39,9 @@ class BenchmarkDataModule(L.LightningDataModule):
         generation: Generative mode: backend, sampling (DeepSeek-R1's protocol by default), samples per
             question, thinking budget and budget forcing, instruction (``eval/generative.py``).
         rag: Put retrieved snippets before every question (the RAG method); null for none.
+        custom_tasks: Multiple-choice tasks of your own (``eval/custom_task.py``: a file or hub dataset and a
+            field mapping), evaluated after ``tasks`` and named in results like them. ``tasks: []`` runs
+            only these.
         allow_partial: Evaluate a task whose copy has another number of items than the leaderboard's
             test set (a cut file, another version); false makes that an error. results.json records
             each task's available and evaluated counts either way.
@@ -56,6 +60,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         mode: Literal["loglikelihood", "generate"] = "loglikelihood",
         generation: Optional[GenerationConfig] = None,
         rag: Optional[RagArmConfig] = None,
+        custom_tasks: Optional[list[CustomTask]] = None,
         allow_partial: bool = False,
     ):
         super().__init__()
@@ -66,6 +71,10 @@ class BenchmarkDataModule(L.LightningDataModule):
         # LightningCLI hands a subclass-mode module's nested dataclasses over as dicts
         self.generation = as_config(GenerationConfig, generation)
         self.rag = as_config(RagArmConfig, rag) if rag is not None else None
+        self.custom_tasks = [as_config(CustomTask, t) for t in custom_tasks or []]
+        names = list(tasks) + [t.name for t in self.custom_tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique: {names}")
         self.items: list[Item] = []
         self.encoded: list[list] = []
 
@@ -83,6 +92,10 @@ class BenchmarkDataModule(L.LightningDataModule):
             items = load_task(task, h.local_dir, h.allow_partial)
             self.available[task] = len(items)
             self.items += select(items, h.limit, h.seed)
+        for custom in self.custom_tasks:
+            items = load_custom(custom)
+            self.available[custom.name] = len(items)
+            self.items += select(items, h.limit, h.seed)
         if self.rag is not None:
             from medadapt.rag.context import with_context
 
@@ -93,7 +106,8 @@ class BenchmarkDataModule(L.LightningDataModule):
             encoded = [item_rows(self.tokenizer, it, i, h.max_length) for i, it in enumerate(self.items)]
         # longest first, as lm-eval orders requests: padding stays small and a memory error shows at once
         self.encoded = sorted(encoded, key=lambda rows: -max(len(r.input_ids) for r in rows))
-        log.info("%d benchmark items (%s), %d forward rows", len(self.items), ", ".join(h.tasks),
+        log.info("%d benchmark items (%s), %d forward rows", len(self.items),
+                 ", ".join([*h.tasks, *(t.name for t in self.custom_tasks)]),
                  sum(len(e) for e in self.encoded))
 
     def settings(self) -> dict:
@@ -103,6 +117,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         out = dict(self.hparams)
         out["generation"] = asdict(self.generation) if self.hparams.mode == "generate" else None
         out["rag"] = asdict(self.rag) if self.rag is not None else None
+        out["custom_tasks"] = [asdict(t) for t in self.custom_tasks]
         return out
 
     def test_dataloader(self):

@@ -15,7 +15,7 @@ from typing import Literal, Optional
 
 import torch
 
-from medadapt.eval.tasks import INSTRUCTION, LETTERS, Item
+from medadapt.eval.tasks import INSTRUCTION, OPTION_LETTERS, Item
 from medadapt.eval.answers import read_answer
 
 
@@ -93,8 +93,8 @@ class GenRow:
 def user_message(item: Item, instruction: str = INSTRUCTION) -> str:
     """The question as a user turn; retrieved snippets (RAG arm) come first, as in the scored prompt."""
     if item.options:
-        letters = ", ".join(LETTERS[: len(item.options)])
-        options = "\n".join(f"{k}. {v}" for k, v in zip(LETTERS, item.options))
+        letters = ", ".join(OPTION_LETTERS[: len(item.options)])
+        options = "\n".join(f"{k}. {v}" for k, v in zip(OPTION_LETTERS, item.options))
         ask = f"Answer with the letter ({letters}) of the correct option."
         return f"{item.context}{item.question.strip()}\n\n{options}\n\n{ask} {instruction}".strip()
     abstract = "\n".join(item.passages)
@@ -181,7 +181,7 @@ def _until_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
 def extract_answer(text: str, item: Item, thinking: bool = False) -> Optional[int]:
     """Index of the chosen answer in ``item.choices``, or None when the reply does not name exactly one."""
     if item.options:
-        return read_answer(text, LETTERS[: len(item.options)], item.options, thinking)
+        return read_answer(text, OPTION_LETTERS[: len(item.options)], item.options, thinking)
     return read_answer(text, item.choices, item.choices, thinking)
 
 

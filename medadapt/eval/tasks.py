@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional
 log = logging.getLogger(__name__)
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
-LETTERS = ["A", "B", "C", "D"]
+LETTERS = ["A", "B", "C", "D"]  # the built-in tasks have four options
+OPTION_LETTERS = list("ABCDEFGHIJ")  # custom tasks: 2 to 10
 MMLU_SUBJECTS = ["anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
                  "professional_medicine"]
 TASKS = ["medqa_4options", "medmcqa", "pubmedqa"] + [f"mmlu_{s}" for s in MMLU_SUBJECTS]

@@ -29,6 +29,7 @@ def run_test_stage(model_path, tmp_path, **data_kw):
     return module, data
 
 
+@pytest.mark.slow
 def test_agrees_with_lm_evaluation_harness_on_every_task(tiny_qwen, tmp_path):
     module, data = run_test_stage(tiny_qwen, tmp_path, limit=2, seed=7, batch_size=3)
     ours = {(r["task"], r["id"]): r for r in map(json.loads, open(tmp_path / "results" / "predictions.jsonl"))}

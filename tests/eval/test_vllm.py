@@ -22,13 +22,17 @@ from ..conftest import DATA
 SMOL = "smollm2-135m-instruct"
 
 
-def have_vllm() -> None:
+def have_vllm(monkeypatch) -> None:
     try:
         vllm_python()
     except VLLMUnavailableError as e:
-        if os.environ.get("CI"):
+        if os.environ.get("CI") or os.environ.get("MEDADAPT_REQUIRE_VLLM"):
             pytest.fail(f"CI must run the vLLM tests: {e}")
         pytest.skip(str(e))
+    # every core for the engine (vLLM's CPU default keeps one per physical core and reserves one), a small cache
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}"))
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
 
 
 def run(tmp_path, name: str, backend: str, adapter=None) -> tuple[dict, list[dict]]:
@@ -56,8 +60,7 @@ def agree(hf: list[dict], vllm: list[dict]) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_vllm_backend_gives_the_hf_backends_answers_and_files(tmp_path, monkeypatch):
-    have_vllm()
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    have_vllm(monkeypatch)
     hf_results, hf = run(tmp_path, "hf", "hf")
     vl_results, vl = run(tmp_path, "vllm", "vllm")
     assert [(p["task"], p["id"]) for p in hf] == [(p["task"], p["id"]) for p in vl] and len(vl) == 6
@@ -69,8 +72,7 @@ def test_vllm_backend_gives_the_hf_backends_answers_and_files(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_vllm_serves_an_adapter_through_lora_request(tmp_path, monkeypatch):
-    have_vllm()
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    have_vllm(monkeypatch)
     from medadapt.weights import write_scaled_adapter
 
     adapter = tmp_path / "adapter"
