@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sft_packing import tiny_model_dir
 
-from medadapt.export import export
+from medadapt.merge import export
 from medadapt.model import LoraConfig, ModelConfig, load_model
 from medadapt.weights import kept_share, projection_weights, relative_size, write_scaled_adapter
 

@@ -44,6 +44,7 @@ def run_medadapt(model_name: str, tasks: list[str], limit: int, batch_size: int,
     trainer = L.Trainer(accelerator=device, devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     start = time.perf_counter()
+    data.connect(module.tokenizer)
     trainer.test(module, data, verbose=False)
     elapsed = time.perf_counter() - start
     preds = {(r["task"], r["id"]): r["pred"] for r in module._test_records}

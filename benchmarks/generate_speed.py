@@ -60,7 +60,7 @@ def main() -> None:
     g = GenerationConfig(temperature=0.0, max_new_tokens=args.max_new_tokens, answer_budget=0, open_think=False,
                          enforce_eager=args.eager)
     items = load_task("medqa_4options", args.data)[: args.prompts]
-    rows = [gen_row(tokenizer, it, i, g) for i, it in enumerate(items)]
+    rows = [gen_row(tokenizer, it, g) for it in items]
     adapter_dir = tempfile.mkdtemp()
     write_scaled_adapter(cfg, adapter_dir, rho=0.05, lora=LoraConfig(r=16, alpha=32, dropout=0.0))
     python = vllm_python()

@@ -107,7 +107,8 @@ def main() -> None:
 
     from haystack.components.joiners import DocumentJoiner
 
-    from medadapt.rag.pipelines import HybridRetriever, IndexConfig, RetrievalConfig
+    from medadapt.rag.config import IndexConfig, RetrievalConfig
+    from medadapt.rag.pipelines import HybridRetriever
     from medadapt.rag.retrievers import BM25sRetriever, FaissEmbeddingRetriever
 
     texts = synthetic_corpus(args.docs)
@@ -149,8 +150,9 @@ def main() -> None:
     # indexing throughput: Haystack pipeline (embedder → writer) vs bare encode, same texts, same model
     from sentence_transformers import SentenceTransformer
 
+    from medadapt.rag.config import resolve_embedder
     from medadapt.rag.corpus import CorpusConfig
-    from medadapt.rag.pipelines import build_index, resolve_embedder
+    from medadapt.rag.pipelines import build_index
 
     sample = texts[: args.encode_docs]
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,9 @@
-"""``python -m medadapt fit|validate|test|predict --config …``: LightningCLI over the package's typed signatures.
+"""``python -m medadapt COMMAND``: the table of every command, and LightningCLI for fit/validate/test.
 
-Every config key is an ``__init__`` argument documented in its docstring, so ``--help`` and
-``--print_config`` are the reference; tests/test_configs.py parses every shipped YAML.
+Every command is parsed by jsonargparse over typed signatures: ``fit``/``validate``/``test`` by LightningCLI
+(every config key is an ``__init__`` argument documented in its docstring), the others by the parsers in
+``medadapt/commands`` and ``medadapt/eval`` (``console.command_parser``). ``--help`` and ``--print_config``
+work for all of them; tests/test_cli.py parses every shipped YAML.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -44,7 +47,7 @@ class MedAdaptCLI(LightningCLI):
     """
 
     def _parse_ckpt_path(self) -> None:
-        from medadapt.module import checkpoint_record
+        from medadapt.checkpoints import checkpoint_record
 
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -59,10 +62,17 @@ class MedAdaptCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
-        if getattr(self, "_ckpt_path", None) and hasattr(self.model, "expected_ckpt_path"):
+        datamodule, model = getattr(self, "datamodule", None), getattr(self, "model", None)
+        if hasattr(datamodule, "connect") and hasattr(model, "tokenizer"):
+            datamodule.connect(model.tokenizer)  # the model's tokenizer, for the data's token ids
+        if getattr(self, "_ckpt_path", None) and hasattr(model, "expected_ckpt_path"):
             self.model.expected_ckpt_path = self._ckpt_path  # build once, for this checkpoint
 
     def before_fit(self) -> None:
+        self.apply_run_dir()
+        self.refuse_stale_checkpoints()
+
+    def refuse_stale_checkpoints(self) -> None:
         """Refuse to train into a checkpoint folder that holds another run's checkpoints: Lightning would write
         ``last-v1.ckpt`` beside the old ``last.ckpt``, so the README's resume command would resume the old run
         while ``adapter/`` held the new one. Resume it (``--ckpt_path``) or say ``--overwrite true``."""
@@ -78,9 +88,22 @@ class MedAdaptCLI(LightningCLI):
             for path in old:
                 path.unlink()
 
+    def apply_run_dir(self) -> None:
+        """``--run_dir D``: this run's checkpoints in D/checkpoints (``last.ckpt`` kept for resuming) and its
+        adapter in D/adapter: how the multi-step runner gives each stage its own folders without editing the
+        stage's callbacks."""
+        run_dir = self.config[self.subcommand].get("run_dir")
+        if not run_dir:
+            return
+        for callback in self.trainer.checkpoint_callbacks:
+            callback.dirpath, callback.save_last = str(Path(run_dir) / "checkpoints"), True
+        self.model.hparams.adapter_dir = str(Path(run_dir) / "adapter")
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit: delete checkpoints an earlier run left in the checkpoint folder and start over")
+        parser.add_argument("--run_dir", type=Optional[str], default=None,
+                            help="fit: one folder for this run: checkpoints/ (with last.ckpt) and adapter/ inside it")
         parser.set_defaults(
             {
                 "trainer.default_root_dir": ".",
@@ -99,6 +122,7 @@ def build_cli(args=None, run: bool = True) -> MedAdaptCLI:
         CausalLMModule,
         L.LightningDataModule,
         subclass_mode_data=True,
+        parser_kwargs={"prog": "python -m medadapt"},
         seed_everything_default=4242,
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
@@ -108,31 +132,48 @@ def build_cli(args=None, run: bool = True) -> MedAdaptCLI:
     )
 
 
-# commands that are not Trainer runs: name → "module:function" taking the remaining argv
+#: every subcommand: name → (where it runs, one line of what it does). LightningCLI runs fit/validate/test.
 COMMANDS = {
-    "compare": "medadapt.eval.compare:main",
-    "decontaminate": "medadapt.eval.decontaminate:main",
-    "index": "medadapt.rag.cli:index_main",
-    "ask": "medadapt.rag.cli:ask_main",
-    "export": "medadapt.export:main",
-    "multistep": "medadapt.multistep:main",
-    "study": "medadapt.study:main",
+    "fit": ("lightning", "train: SFT (configs/sft.yaml) or continual pretraining (configs/cpt.yaml)"),
+    "validate": ("lightning", "validation loss of a model, adapter or checkpoint"),
+    "test": ("lightning", "the leaderboard benchmarks (configs/eval.yaml): log-likelihood or generative"),
+    "index": ("medadapt.commands.rag:index_main", "build or update the RAG index (configs/rag.yaml)"),
+    "ask": ("medadapt.commands.rag:ask_main", "answer a question with retrieved snippets (RAG, optional adapter)"),
+    "multistep": ("medadapt.commands.multistep:main", "chained fits, e.g. CPT then SFT (configs/multistep.yaml)"),
+    "study": ("medadapt.commands.study:main", "base vs RAG vs SFT vs CPT→SFT vs SFT+RAG, end to end"),
+    "export": ("medadapt.commands.export:main", "merge an adapter into its base: a standalone HF folder"),
+    "compare": ("medadapt.eval.compare:main", "methods × tasks with 95% CIs, paired McNemar tests, chart"),
+    "decontaminate": ("medadapt.eval.decontaminate:main", "n-gram overlap of training data with the benchmarks"),
 }
 
 
+def usage() -> str:
+    lines = ["usage: python -m medadapt COMMAND [--config FILE] [options]   (COMMAND --help: every option)", "",
+             "commands:"]
+    lines += [f"  {name:<14} {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(args=None) -> None:
+    import importlib
     import sys
 
-    logging.basicConfig(level=os.environ.get("MEDADAPT_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("haystack", "bm25s", "faiss.loader", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in COMMANDS:
-        import importlib
+    from medadapt.console import quiet_known_noise
 
-        module, function = COMMANDS[argv[0]].split(":")
-        return getattr(importlib.import_module(module), function)(argv[1:])
-    build_cli(args)
+    logging.basicConfig(level=os.environ.get("MEDADAPT_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    quiet_known_noise()
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if argv[0] not in COMMANDS:
+        raise SystemExit(f"unknown command {argv[0]!r}\n\n{usage()}")
+    target = COMMANDS[argv[0]][0]
+    if target == "lightning":
+        build_cli(None if args is None else argv)  # from the shell LightningCLI reads sys.argv itself
+        return
+    module, function = target.split(":")
+    getattr(importlib.import_module(module), function)(argv[1:])
 
 
 if __name__ == "__main__":

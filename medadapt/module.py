@@ -11,9 +11,8 @@ is known (``on_before_optimizer_step``, before clipping and before the optimizer
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,43 +20,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from medadapt.checkpoints import checked_local, checked_lora, checkpoint_record, record_of
+from medadapt.model import (TRAINED_ON, LoraConfig, ModelConfig, load_model, load_tokenizer, read_adapter_metadata,
+                            resolve_model_config, write_adapter_metadata)
 from medadapt.data.packing import IGNORE_INDEX, block_causal_mask
-from medadapt.model import (TRAINED_ON, AdapterMismatchError, LoraConfig, ModelConfig, load_model, load_tokenizer,
-                            read_adapter_metadata, resolve_model_config, write_adapter_metadata)
+from medadapt.optim import OptimConfig, resolve_warmup, use_fused, warmup_cosine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with linear warmup then cosine decay.
-
-    Args:
-        lr: Peak learning rate.
-        weight_decay: AdamW weight decay (not applied to biases and norms).
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: Optimizer steps of linear warmup from 0 to ``lr``.
-        warmup_ratio: Warmup as a fraction of all optimizer steps; replaces ``warmup_steps`` when set.
-            Packing changes the number of optimizer steps (more examples per step), so a ratio keeps a
-            recipe's warmup share where a step count would not.
-        min_lr_ratio: Floor of the cosine as a fraction of ``lr``.
-        fused: Use the fused AdamW kernel where the device supports it (CUDA) and the precision allows
-            it: fused AdamW unscales fp16 gradients itself, so with ``16-mixed`` and gradient clipping
-            (which needs unscaled gradients first) the foreach kernel is used instead.
-        embedding_lr: Separate learning rate for fully trained embeddings / LM head (listed in
-            ``lora.modules_to_save``); null uses ``lr``. Continual pretraining typically uses lr/10.
-    """
-
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 300
-    warmup_ratio: Optional[float] = None
-    min_lr_ratio: float = 0.0
-    fused: bool = True
-    embedding_lr: Optional[float] = None
 
 
 class CausalLMModule(L.LightningModule):
@@ -259,42 +228,26 @@ class CausalLMModule(L.LightningModule):
         self.on_test_end()  # also after a failed run: the folder is free again
 
     def on_test_epoch_start(self) -> None:
-        self._test_records: list[dict] = []
-        self._vllm_rows: list = []
+        from medadapt.eval.harness import BenchmarkHarness
+
+        self.harness = BenchmarkHarness()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        from medadapt.eval.scoring import decide, forward_rows, score_rows
+        self.harness.step(self.model, self.tokenizer, batch)
 
-        items = self.trainer.datamodule.items
-        if "gen_rows" in batch:
-            return self._generative_step(batch, items)
-        for index, per_choice in score_rows(forward_rows(self.model, batch), batch["rows"]).items():
-            item = items[index]
-            lls = [per_choice[c][0] for c in range(len(item.choices))]
-            self._test_records.append({"task": item.task, "id": item.id, "gold": item.gold, "loglikelihoods": lls,
-                                       "is_greedy": [per_choice[c][1] for c in range(len(item.choices))],
-                                       "n_choices": len(item.choices), **decide(item, lls), **item.extra})
+    def on_test_epoch_end(self) -> None:
+        if self.harness.deferred:
+            self.harness.generate_deferred(self._serve_with_vllm)
+        meta = {"model": asdict(self.resolved_model_cfg), "lora": asdict(self.lora_used) if self.lora_used else None,
+                "adapter": self.init_adapter_path, "ckpt_path": self.trainer.ckpt_path}
+        summary = self.harness.finish(self.trainer.strategy, meta, self.hparams.results_dir)
+        for task, m in summary["tasks"].items():
+            self.log_dict({f"test/{task}/acc": m["acc"], f"test/{task}/acc_norm": m["acc_norm"],
+                           f"test/{task}/unparsable": float(m["unparsable"])}, rank_zero_only=True)
+        self.log("test/macro_avg_acc", summary["macro_avg_acc"], rank_zero_only=True)
 
-    def _generative_step(self, batch: dict, items: list) -> None:
-        from medadapt.eval.generative import generate
-
-        if batch["generation"].backend == "vllm":  # generated all at once, by vLLM, when the epoch ends
-            self._vllm_rows += batch["gen_rows"]
-            self._vllm_generation = batch["generation"]
-            return
-        self._record_replies(batch["gen_rows"], generate(self.model, self.tokenizer, batch), items)
-
-    def _record_replies(self, rows: list, replies: list, items: list) -> None:
-        from medadapt.eval.generative import decide_generated
-
-        for row, answers in zip(rows, replies):
-            item = items[row.item]
-            self._test_records.append({"task": item.task, "id": item.id, "gold": item.gold, "loglikelihoods": None,
-                                       "n_choices": len(item.choices),
-                                       **decide_generated(item, answers, row.thinking), **item.extra})
-
-    def _generate_with_vllm(self, items: list) -> None:
-        """Serve the evaluated weights with vLLM (one process: vLLM parallelizes over GPUs itself)."""
+    def _serve_with_vllm(self, rows: list, generation) -> list:
+        """Generate ``rows`` with vLLM from the evaluated weights (one process: vLLM spreads over GPUs itself)."""
         import gc
         import tempfile
 
@@ -304,50 +257,20 @@ class CausalLMModule(L.LightningModule):
         if self.trainer.world_size > 1:
             raise RuntimeError("generation.backend: vllm runs on one process; use generation.tensor_parallel_size or "
                                "vllm_engine_args.data_parallel_size for several GPUs, not --trainer.devices")
-        adapter, tmp = self.init_adapter_path, None
-        if adapter is None and self.lora_used is not None:  # a fit checkpoint: its LoRA as a PEFT adapter
-            tmp = tempfile.TemporaryDirectory()
-            adapter = tmp.name
-            self.model.save_pretrained(adapter, safe_serialization=True, selected_adapters=["default"])
-            write_adapter_metadata(adapter, self.resolved_model_cfg, self.lora_used)
-        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
-            resolve_dtype(self.resolved_model_cfg.compute_dtype)]
-        model_dir, lora = vllm_backend.served_weights(self.resolved_model_cfg, adapter, dtype)
-        self.model = None  # free the HF copy (and its GPU memory) before vLLM takes the device
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        replies = vllm_backend.generate(self.tokenizer, self._vllm_rows, self._vllm_generation, model_dir, lora, dtype)
-        if tmp is not None:
-            tmp.cleanup()
-        self._record_replies(self._vllm_rows, replies, items)
-
-    def on_test_epoch_end(self) -> None:
-        from medadapt.eval.report import fingerprint, summarize, write_results
-
-        if self._vllm_rows:
-            self._generate_with_vllm(self.trainer.datamodule.items)
-        records = self._test_records
-        if self.trainer.world_size > 1:
-            gathered: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        keys = [(r["task"], r["id"]) for r in records]
-        if len(set(keys)) != len(keys):
-            raise RuntimeError("an item was scored twice; the test sampler must not pad")
-        summary = summarize(records)
-        for task, m in summary["tasks"].items():
-            self.log_dict({f"test/{task}/acc": m["acc"], f"test/{task}/acc_norm": m["acc_norm"],
-                           f"test/{task}/unparsable": float(m["unparsable"])}, rank_zero_only=True)
-        self.log("test/macro_avg_acc", summary["macro_avg_acc"], rank_zero_only=True)
-        if self.trainer.is_global_zero:
-            dm = self.trainer.datamodule
-            meta = {"model": asdict(self.resolved_model_cfg), "lora": asdict(self.lora_used) if self.lora_used else None,
-                    "adapter": self.init_adapter_path, "ckpt_path": self.trainer.ckpt_path,
-                    "data": dm.settings() if hasattr(dm, "settings") else dict(dm.hparams),
-                    "data_fingerprint": fingerprint(dm.items), "items_available": dict(getattr(dm, "available", {}))}
-            path = write_results(self.hparams.results_dir, summary, records, meta)
-            log.info("results: %s (macro acc %.4f over %d items)", path, summary["macro_avg_acc"], summary["n"])
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter = self.init_adapter_path
+            if adapter is None and self.lora_used is not None:  # a fit checkpoint: its LoRA as a PEFT adapter
+                adapter = tmp
+                self.model.save_pretrained(adapter, safe_serialization=True, selected_adapters=["default"])
+                write_adapter_metadata(adapter, self.resolved_model_cfg, self.lora_used)
+            dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
+                resolve_dtype(self.resolved_model_cfg.compute_dtype)]
+            model_dir, lora = vllm_backend.served_weights(self.resolved_model_cfg, adapter, dtype)
+            self.model = None  # free the HF copy (and its GPU memory) before vLLM takes the device
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return vllm_backend.generate(self.tokenizer, rows, generation, model_dir, lora, dtype)
 
     # ---- optimizer ---------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -466,86 +389,6 @@ def load_for_inference(model: ModelConfig, lora: Optional[LoraConfig] = None, in
     if torch.cuda.is_available() and not module.resolved_model_cfg.load_in_4bit:
         module.model.cuda()
     return module
-
-
-def checkpoint_record(ckpt_path: str) -> dict:
-    """What a fit checkpoint was trained on (``base``: TRAINED_ON fields; ``lora``), read without running a
-    pickle (weights_only). Checkpoints of older runs have only their config hparams."""
-    return record_of(torch.load(checked_local(ckpt_path), map_location="cpu", weights_only=True, mmap=True))
-
-
-def checked_local(ckpt_path: str) -> str:
-    """A checkpoint path that is a local file; URLs are refused (Lightning unpickles remote checkpoints with
-    weights_only=False: a checkpoint URL could run code)."""
-    if "://" in str(ckpt_path):
-        raise ValueError(f"ckpt_path {ckpt_path!r} is a URL: download it and pass the local file (a remote "
-                         "checkpoint would be unpickled with weights_only=False)")
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_path} not found")
-    return str(ckpt_path)
-
-
-def record_of(checkpoint: dict) -> dict:
-    if "medadapt" in checkpoint:
-        return checkpoint["medadapt"]
-    hparams = checkpoint.get("hyper_parameters", {})
-    base = {k: v for k, v in (hparams.get("model") or {}).items() if k in TRAINED_ON and v is not None}
-    return {"base": base or None, "lora": hparams.get("lora")}
-
-
-def checked_lora(configured: Optional[LoraConfig], saved: Optional[dict], source: str) -> Optional[LoraConfig]:
-    """The LoRA shape a checkpoint was trained with; a configured one that differs is an error."""
-    if saved is None:
-        if configured is not None:
-            raise AdapterMismatchError(f"{source} holds no LoRA adapter, but the config asks for one")
-        return None
-    trained = LoraConfig(**saved)
-    if configured is not None:
-        shape = ("r", "alpha", "target_modules", "modules_to_save")
-        diff = {k: (getattr(configured, k), getattr(trained, k)) for k in shape
-                if getattr(configured, k) != getattr(trained, k)}
-        if diff:
-            raise AdapterMismatchError(f"{source} was trained with a different LoRA: "
-                                       + ", ".join(f"{k}={t!r} (config: {c!r})" for k, (c, t) in diff.items())
-                                       + "; set model.lora to null to take the checkpoint's")
-        return replace(trained, dropout=configured.dropout)
-    return trained
-
-
-#: devices whose AdamW has a fused kernel medadapt uses
-FUSED_DEVICES = ("cuda",)
-
-
-def use_fused(requested: bool, params: list, trainer) -> bool:
-    """Fused AdamW where the device has it, unless an fp16 grad scaler and clipping are both on: fused AdamW
-    unscales inside its step, so the gradients to clip would still be scaled (Lightning refuses)."""
-    if not requested or not params or not all(p.device.type in FUSED_DEVICES for p in params):
-        return False
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is not None and trainer.gradient_clip_val:
-        log.info("fused AdamW is off: 16-mixed precision with gradient clipping needs unscaled gradients")
-        return False
-    return True
-
-
-def resolve_warmup(cfg: OptimConfig, total_steps: int) -> int:
-    if cfg.warmup_ratio is None:
-        return cfg.warmup_steps
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    return math.ceil(cfg.warmup_ratio * total_steps)  # as transformers' TrainingArguments.warmup_ratio
-
-
-def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
-    """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:  # (warmup 0: full learning rate from the first step)
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def rank_zero() -> bool:

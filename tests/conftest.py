@@ -70,7 +70,8 @@ def short_sft_file(tmp_path_factory) -> str:
 def tiny_module(model_path: str, *, load_in_4bit: bool = False, dropout: float = 0.0, lr: float = 1e-3,
                 cls=None, **optim):
     from medadapt.model import LoraConfig, ModelConfig
-    from medadapt.module import CausalLMModule, OptimConfig
+    from medadapt.module import CausalLMModule
+    from medadapt.optim import OptimConfig
 
     return (cls or CausalLMModule)(
         model=ModelConfig(name_or_path=model_path, load_in_4bit=load_in_4bit, compute_dtype="float32",
@@ -86,6 +87,12 @@ def tiny_data(data_file: str, **kw):
     kw.setdefault("max_length", 256)
     kw.setdefault("val_fraction", 0.125)
     return ReasoningSFTDataModule(data_files=data_file, **kw)
+
+
+def connect(data, module):
+    """What the CLI does before a run: hand the model's tokenizer to the data module."""
+    data.connect(module.tokenizer)
+    return data
 
 
 def tiny_trainer(root, **kw):
@@ -129,3 +136,17 @@ def evaluate(trained, out, *extra) -> dict:
          "--data.tasks", '["pubmedqa"]', "--data.limit", "2", "--trainer.accelerator", "cpu",
          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *extra])
     return json.loads((out / "results.json").read_text())
+
+
+def run_test_stage(model_path, tmp_path, **data_kw):
+    """The test stage of an unquantized model on the shared benchmark files; results in tmp_path/results."""
+    from medadapt.eval.data import BenchmarkDataModule
+    from medadapt.model import ModelConfig
+    from medadapt.module import CausalLMModule
+
+    module = CausalLMModule(model=ModelConfig(name_or_path=model_path, load_in_4bit=False, compute_dtype="float32",
+                                              gradient_checkpointing=False),
+                            lora=None, results_dir=str(tmp_path / "results"))
+    data = BenchmarkDataModule(local_dir=str(DATA / "benchmarks"), **data_kw)
+    tiny_trainer(tmp_path).test(module, connect(data, module))
+    return module, data

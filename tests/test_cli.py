@@ -34,7 +34,7 @@ class ParseOnly(MedAdaptCLI):
 
 @pytest.mark.parametrize("config", RAG_CONFIGS, ids=[str(c.relative_to(REPO)) for c in RAG_CONFIGS])
 def test_every_rag_config_parses(config, monkeypatch):
-    from medadapt.rag.cli import build_parser
+    from medadapt.commands.rag import build_parser
 
     monkeypatch.chdir(REPO)
     parser = build_parser("ask")
@@ -47,7 +47,7 @@ def test_every_rag_config_parses(config, monkeypatch):
 
 @pytest.mark.parametrize("config", MULTISTEP_CONFIGS, ids=[str(c.relative_to(REPO)) for c in MULTISTEP_CONFIGS])
 def test_every_multistep_config_names_fit_configs_that_exist(config, monkeypatch):
-    from medadapt.multistep import build_parser
+    from medadapt.commands.multistep import build_parser
 
     monkeypatch.chdir(REPO)
     p = build_parser()
@@ -58,7 +58,7 @@ def test_every_multistep_config_names_fit_configs_that_exist(config, monkeypatch
 
 @pytest.mark.parametrize("config", STUDY_CONFIGS, ids=[str(c.relative_to(REPO)) for c in STUDY_CONFIGS])
 def test_every_study_config_points_at_shipped_configs(config, monkeypatch):
-    from medadapt.study import METHODS, build_parser
+    from medadapt.commands.study import METHODS, build_parser
 
     monkeypatch.chdir(REPO)
     p = build_parser()
@@ -94,7 +94,7 @@ def test_seed_recipe_values_survive_packing():
     import yaml
 
     from medadapt.data.reasoning import ReasoningSFTDataModule
-    from medadapt.module import OptimConfig, resolve_warmup
+    from medadapt.optim import OptimConfig, resolve_warmup
 
     from .conftest import R1_TOKENIZER, SFT_SAMPLE
 
@@ -185,3 +185,34 @@ def test_ddp_test_stage_scores_each_item_once_with_the_same_metrics(tiny_qwen, t
     for a, b in zip(p1, p2):
         assert (a["task"], a["id"], a["pred"]) == (b["task"], b["id"], b["pred"])
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
+
+
+def test_one_table_lists_every_command_and_each_documents_its_keys(capsys):
+    from medadapt.cli import COMMANDS, main
+
+    main(["--help"])
+    listing = capsys.readouterr().out
+    assert listing.startswith("usage: python -m medadapt COMMAND")
+    for name in ["fit", "validate", "test", "index", "ask", "multistep", "study", "export", "compare", "decontaminate"]:
+        assert f"\n  {name} " in listing and name in COMMANDS
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert done.value.code == 0 and f"python -m medadapt {name}" in text.replace("\n", " ") or \
+            (name in ("fit", "validate", "test") and "python -m medadapt" in text), name
+        assert "--config" in text and "--print_config" in text, name
+
+
+def test_print_config_round_trips_for_a_non_lightning_command(tmp_path, capsys):
+    from medadapt.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["export", "--base", "b", "--out", "o", "--trained_in_4bit", "false", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "trained_in_4bit: false" in printed and "base: b" in printed
+    (tmp_path / "export.yaml").write_text(printed)
+    from medadapt.commands.export import build_parser
+
+    args = build_parser().parse_args(["--config", str(tmp_path / "export.yaml")])
+    assert args.trained_in_4bit is False and args.out == "o"

@@ -8,12 +8,13 @@ design) kept ~1% of a CPT update of relative size 1%; these tests require ≥ 95
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from medadapt import multistep
-from medadapt.export import export
+from medadapt.commands import multistep
+from medadapt.merge import export
 from medadapt.model import LoraConfig, ModelConfig, load_model, write_adapter_metadata
 from medadapt.module import CausalLMModule
 
@@ -31,11 +32,12 @@ def stage_two_module(tmp_path, base: str, cpt_adapter: str) -> CausalLMModule:
     sft = yaml.safe_load((REPO / "configs" / "demo" / "sft.yaml").read_text())
     sft["model"]["model"]["name_or_path"] = base
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
-    previous = {"model": {"model": {"name_or_path": base}, "adapter_dir": cpt_adapter}}
+    previous = {"model": {"model": {"name_or_path": base}}, "run_dir": str(Path(cpt_adapter).parent)}
     cfg = multistep.stage_config(multistep.Stage("sft", str(tmp_path / "sft.yaml")), tmp_path / "sft", previous)
     model = cfg["model"]
+    assert model["model"]["base_adapters"] == [cpt_adapter]
     module = CausalLMModule(model=ModelConfig(**{**model["model"], "compute_dtype": "float32"}),
-                            lora=LoraConfig(**model["lora"]), adapter_dir=model["adapter_dir"])
+                            lora=LoraConfig(**model["lora"]))
     module.build_model(training=True)
     return module
 
@@ -44,7 +46,7 @@ def stage_two_module(tmp_path, base: str, cpt_adapter: str) -> CausalLMModule:
 def test_stage_two_and_the_evaluated_model_keep_the_cpt_update(which, request, tmp_path):
     base = request.getfixturevalue("tiny_qwen") if which == "tiny_qwen" else "smollm2-135m-instruct"
     nf4 = ModelConfig(name_or_path=base, load_in_4bit=True, compute_dtype="float32", gradient_checkpointing=False)
-    cpt_dir = tmp_path / "cpt-adapter"
+    cpt_dir = tmp_path / "cpt" / "adapter"
     write_scaled_adapter(nf4, cpt_dir, RHO)
     plain = projection_weights(load_model(nf4, training=False))
     cpt = projection_weights(load_model(nf4, adapter=str(cpt_dir), training=False))  # the CPT stage's own model
@@ -114,7 +116,7 @@ def run_chain(tmp_path, monkeypatch, name: str, cpt_lr: float, model: str, sft_f
     sft["trainer"]["max_steps"] = 1
     (tmp_path / "cpt.yaml").write_text(yaml.safe_dump(cpt))
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
-    monkeypatch.setattr(multistep, "launch", cli_main)
+    monkeypatch.setattr(multistep, "launch", lambda args, log_file=None: cli_main(args))
     stages = [multistep.Stage("sft", str(tmp_path / "sft.yaml"))]
     if cpt_lr is not None:
         stages = [multistep.Stage("cpt", str(tmp_path / "cpt.yaml")),

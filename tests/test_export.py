@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from medadapt.export import export, main as export_main
+from medadapt.commands.export import main as export_main
+from medadapt.merge import export
 from medadapt.model import LoraConfig, ModelConfig, load_model
 
 

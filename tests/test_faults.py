@@ -176,7 +176,8 @@ def small_corpus(tmp_path, n=12, edit=None):
 
 def test_two_index_runs_on_one_folder_store_every_document_once(tmp_path):
     from medadapt.rag.local_index import LocalIndex, SearchIndex
-    from medadapt.rag.pipelines import IndexConfig, build_index
+    from medadapt.rag.config import IndexConfig
+    from medadapt.rag.pipelines import build_index
 
     corpus, cfg = small_corpus(tmp_path), IndexConfig(dir=str(tmp_path / "idx"), chunk_size=4, batch_size=4)
     results = []
@@ -200,7 +201,8 @@ def test_two_index_runs_on_one_folder_store_every_document_once(tmp_path):
 
 def test_a_changed_document_is_re_embedded_and_a_corrupt_index_is_reported(tmp_path):
     from medadapt.rag.local_index import IndexCorruptError, SearchIndex
-    from medadapt.rag.pipelines import IndexConfig, build_index
+    from medadapt.rag.config import IndexConfig
+    from medadapt.rag.pipelines import build_index
 
     cfg = IndexConfig(dir=str(tmp_path / "idx"), chunk_size=8, batch_size=4)
     build_index(small_corpus(tmp_path), cfg)
@@ -229,7 +231,8 @@ def test_a_changed_document_is_re_embedded_and_a_corrupt_index_is_reported(tmp_p
 def test_an_empty_corpus_says_so_and_leaves_no_manifest(tmp_path):
     from medadapt.data.sources import DataSourceError
     from medadapt.rag.corpus import CorpusConfig
-    from medadapt.rag.pipelines import IndexConfig, build_index
+    from medadapt.rag.config import IndexConfig
+    from medadapt.rag.pipelines import build_index
 
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataSourceError, match="empty.jsonl is empty"):

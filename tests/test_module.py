@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from medadapt.data.packing import IGNORE_INDEX
 from medadapt.module import CausalLMModule
 
-from .conftest import tiny_data, tiny_module, tiny_trainer
+from .conftest import connect, tiny_data, tiny_module, tiny_trainer
 
 
 class Recording(CausalLMModule):
@@ -32,7 +32,7 @@ def run_steps(model_path, data_file, root, *, batch_size, accumulate, steps, shu
     module = tiny_module(model_path, cls=Recording)
     data = tiny_data(data_file, batch_size=batch_size, pack=False, val_fraction=0.0, shuffle=shuffle)
     trainer = tiny_trainer(root, max_steps=steps, accumulate_grad_batches=accumulate)
-    trainer.fit(module, data)
+    trainer.fit(module, connect(data, module))
     return module, data, module
 
 
@@ -56,11 +56,11 @@ def test_fit_validate_fit_4bit_on_cpu_loss_decreases(tiny_qwen, short_sft_file, 
     module = tiny_module(tiny_qwen, load_in_4bit=True, lr=3e-3)
     data = tiny_data(short_sft_file, batch_size=4, val_fraction=0.25)
     first = tiny_trainer(tmp_path, max_steps=1, limit_val_batches=2)
-    before = first.validate(module, data)[0]["val/loss"]
-    first.fit(module, data)  # training after an eval-mode forward: the CPU repacking trap
+    before = first.validate(module, connect(data, module))[0]["val/loss"]
+    first.fit(module, connect(data, module))  # training after an eval-mode forward: the CPU repacking trap
     trainer = tiny_trainer(tmp_path, max_steps=12, limit_val_batches=2)
-    trainer.fit(module, data)
-    after = trainer.validate(module, data)[0]["val/loss"]
+    trainer.fit(module, connect(data, module))
+    after = trainer.validate(module, connect(data, module))[0]["val/loss"]
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
@@ -91,7 +91,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_qwen, short_sft_file, tmp_p
         data = tiny_data(short_sft_file, batch_size=2, val_fraction=0.0)
         trainer = tiny_trainer(root, max_steps=5, accumulate_grad_batches=2, callbacks=list(callbacks),
                                enable_checkpointing=bool(callbacks))
-        trainer.fit(module, data, ckpt_path=ckpt_path)
+        trainer.fit(module, connect(data, module), ckpt_path=ckpt_path)
         return getattr(module, "losses", [])
 
     full = losses(tmp_path / "full")
@@ -116,7 +116,7 @@ def test_adapter_export_loads_with_peft(tiny_qwen, short_sft_file, tmp_path):
     module = tiny_module(tiny_qwen, lr=1e-2)
     module.hparams.adapter_dir = str(tmp_path / "adapter")
     trainer = tiny_trainer(tmp_path, max_steps=2)
-    trainer.fit(module, tiny_data(short_sft_file, batch_size=2, val_fraction=0.0))
+    trainer.fit(module, connect(tiny_data(short_sft_file, batch_size=2, val_fraction=0.0), module))
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32)
@@ -136,7 +136,7 @@ def test_cpt_trains_embeddings_and_head_at_their_own_learning_rate(tiny_qwen, tm
     parameter group (Unsloth's CPT recipe), next to the LoRA tensors at the main learning rate."""
     from medadapt.data.textbooks import TextbooksDataModule
     from medadapt.model import LoraConfig, ModelConfig
-    from medadapt.module import OptimConfig
+    from medadapt.optim import OptimConfig
 
     from .conftest import DATA
 
@@ -149,7 +149,7 @@ def test_cpt_trains_embeddings_and_head_at_their_own_learning_rate(tiny_qwen, tm
     trainer = tiny_trainer(tmp_path, max_steps=2)
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.named_parameters() if "modules_to_save" in n}
-    trainer.fit(module, data)
+    trainer.fit(module, connect(data, module))
     groups = trainer.optimizers[0].param_groups
     embed_group = [g for g in groups if g["initial_lr"] == 1e-4]
     assert len(embed_group) == 1 and all(g["initial_lr"] == 1e-3 for g in groups if g is not embed_group[0])
@@ -167,16 +167,16 @@ def test_every_precision_trains_with_clipping_and_fused_only_where_compatible(ti
     and giving 16-mixed its fp16 grad scaler on CPU (Lightning would switch to bf16), forces the CUDA paths."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from medadapt import module as module_lib
+    from medadapt import optim
 
-    monkeypatch.setattr(module_lib, "FUSED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(optim, "FUSED_DEVICES", ("cuda", "cpu"))
     L.seed_everything(0)
     module = tiny_module(tiny_qwen, cls=Recording, fused=True)
     kw = {"precision": precision}
     if precision == "16-mixed":
         kw = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
     trainer = tiny_trainer(tmp_path, max_steps=2, gradient_clip_val=1e-3, **kw)
-    trainer.fit(module, tiny_data(short_sft_file, batch_size=1, val_fraction=0.0, pack=False))
+    trainer.fit(module, connect(tiny_data(short_sft_file, batch_size=1, val_fraction=0.0, pack=False), module))
     assert len(module.losses) == 2 and all(math.isfinite(x) for x in module.losses)
     assert bool(trainer.optimizers[0].defaults["fused"]) == (precision != "16-mixed")
 
@@ -193,7 +193,7 @@ def test_metrics_are_logged_at_their_optimizer_step_and_count_examples(tiny_qwen
     data = tiny_data(short_sft_file, batch_size=2, val_fraction=0.125, max_length=256)
     trainer = tiny_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1,
                            logger=CSVLogger(tmp_path, name="log"), val_check_interval=6, limit_val_batches=1)
-    trainer.fit(module, data)
+    trainer.fit(module, connect(data, module))
     rows = list(csv.DictReader(open(next((tmp_path / "log").rglob("metrics.csv")))))
     train = [r for r in rows if r.get("train/loss")]
     assert [int(r["step"]) for r in train] == [1, 2, 3]
@@ -238,5 +238,21 @@ def test_training_step_does_not_sync_with_the_host(tiny_qwen, short_sft_file, tm
     L.seed_everything(0)
     module = tiny_module(tiny_qwen, cls=Counting)
     tiny_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2).fit(
-        module, tiny_data(short_sft_file, batch_size=2, val_fraction=0.0))
+        module, connect(tiny_data(short_sft_file, batch_size=2, val_fraction=0.0), module))
     assert conversions == []
+
+
+def test_the_model_is_built_for_the_call_that_runs_not_for_the_first_call(tiny_qwen, short_sft_file, tmp_path):
+    """validate builds an inference model; a fit that follows trains a model built for training: k-bit
+    preparation (fp32 norms, input grads) and gradient checkpointing on."""
+    L.seed_everything(0)
+    module = tiny_module(tiny_qwen, load_in_4bit=True)
+    data = connect(tiny_data(short_sft_file, batch_size=2, val_fraction=0.25), module)
+    tiny_trainer(tmp_path, limit_val_batches=1).validate(module, data)
+    assert module.built_for_training is False and not module.model.is_gradient_checkpointing
+    tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, data)
+    base = module.model.get_base_model()
+    assert module.built_for_training is True and base.is_gradient_checkpointing
+    assert base.is_loaded_in_4bit and hasattr(base, "_require_grads_hook")  # prepare_model_for_kbit_training ran
+    assert base.get_input_embeddings().weight.requires_grad is False  # frozen base, LoRA on top
+    assert any(p.requires_grad for n, p in module.model.named_parameters() if "lora_" in n)

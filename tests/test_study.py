@@ -48,7 +48,7 @@ def write_configs(tmp_path, model: str, sft_file: str) -> None:
                      "index": {"dir": "index", "chunk_size": 16}, "model": {"name_or_path": model}},
         "study.yaml": {"work_dir": "study", "methods": METHODS, "baseline": "base", "index_config": "rag.yaml",
                        "sft_config": "sft.yaml", "cpt_config": "cpt.yaml", "eval_config": "eval.yaml",
-                       "rag": {"top_k": 2, "max_context_tokens": 128}, "shared_data": str(DATA)},
+                       "retrieval": {"top_k": 2}, "max_context_tokens": 128, "shared_data": str(DATA)},
     }
     for name, cfg in configs.items():
         (tmp_path / name).write_text(yaml.safe_dump(cfg))

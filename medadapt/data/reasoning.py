@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from medadapt.data.packing import IGNORE_INDEX, Example, collate, pack
-from medadapt.data.sources import MalformedRowError, describe_source, load_rows, tokenizer_for
+from medadapt.data.sources import MalformedRowError, describe_source, load_rows, named_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,14 @@ class TokenizedDataModule(L.LightningDataModule):
     def build_examples(self, stage: str) -> tuple[list[Example], list[Example]]:
         raise NotImplementedError
 
+    def connect(self, tokenizer) -> None:
+        """The model's tokenizer, handed over by the run (litgpt's habit): examples are tokenized with the ids
+        the model was built with, and data code never reaches into the trainer for it."""
+        self.tokenizer = tokenizer
+
     def get_tokenizer(self):
         if self.tokenizer is None:
-            self.tokenizer = tokenizer_for(self, self.tokenizer_name)
+            self.tokenizer = named_tokenizer(self.tokenizer_name, type(self).__name__)
         return self.tokenizer
 
     def setup(self, stage: str) -> None:

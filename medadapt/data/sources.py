@@ -138,14 +138,12 @@ def describe_source(dataset: str, data_files: Union[str, list[str], None]) -> st
     return dataset
 
 
-def tokenizer_for(datamodule, name: Optional[str]):
-    """The tokenizer named in a data module's config, or else the one its Trainer's model loaded."""
-    if name is not None:
-        from medadapt.model import ModelConfig, load_tokenizer
+def named_tokenizer(name: Optional[str], owner: str):
+    """The tokenizer a data module was configured with by name, for use outside a training run; inside one the
+    run connects the model's own (``connect``), so token ids always match the model."""
+    if name is None:
+        raise ValueError(f"{owner} has no tokenizer: the run connects the model's (data.connect(tokenizer)), "
+                         "or set data.tokenizer to a tokenizer name or folder")
+    from medadapt.model import ModelConfig, load_tokenizer
 
-        return load_tokenizer(ModelConfig(name_or_path=name))
-    trainer = getattr(datamodule, "trainer", None)
-    module = getattr(trainer, "lightning_module", None) if trainer else None
-    if getattr(module, "tokenizer", None) is None:
-        raise ValueError("data.tokenizer is unset and there is no model to take it from")
-    return module.tokenizer
+    return load_tokenizer(ModelConfig(name_or_path=name))

@@ -7,7 +7,6 @@ right than right to wrong, which is far more sensitive than comparing two overla
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -101,12 +100,21 @@ def chart(runs: dict[str, tuple[dict, dict]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def build_parser():
+    from typing import Optional
+
+    from medadapt.console import command_parser
+
+    p = command_parser("compare", __doc__)
+    p.add_argument("runs", type=str, nargs="+", help="results directories; NAME=DIR names a run (default: folder name)")
+    p.add_argument("--baseline", type=Optional[str], default=None,
+                   help="the run the paired tests compare against (default: the first)")
+    p.add_argument("--out", type=str, default="results/comparison", help="writes OUT.md and OUT.png")
+    return p
+
+
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python -m medadapt compare", description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="results directories; NAME=DIR to name a run (default: folder name)")
-    ap.add_argument("--baseline", help="run the paired tests compare against (default: the first)")
-    ap.add_argument("--out", default="results/comparison", help="writes OUT.md and OUT.png")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     runs = {}
     for spec in args.runs:
         name, _, directory = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)

@@ -77,16 +77,22 @@ class BenchmarkDataModule(L.LightningDataModule):
             raise ValueError(f"task names must be unique: {names}")
         self.items: list[Item] = []
         self.encoded: list[list] = []
+        self.tokenizer = None
+
+    def connect(self, tokenizer) -> None:
+        """The evaluated model's tokenizer, handed over by the run: prompts are encoded as the model reads them."""
+        self.tokenizer = tokenizer
 
     def setup(self, stage: str) -> None:
         if self.items:
             return
-        from medadapt.data.sources import tokenizer_for
+        from medadapt.data.sources import named_tokenizer
         from medadapt.eval.generative import gen_row
         from medadapt.eval.scoring import item_rows
 
         h = self.hparams
-        self.tokenizer = tokenizer_for(self, h.tokenizer)
+        if self.tokenizer is None:
+            self.tokenizer = named_tokenizer(h.tokenizer, type(self).__name__)
         self.available: dict[str, int] = {}
         for task in h.tasks:
             items = load_task(task, h.local_dir, h.allow_partial)
@@ -101,9 +107,9 @@ class BenchmarkDataModule(L.LightningDataModule):
 
             self.items = with_context(self.items, self.rag, self.tokenizer)
         if h.mode == "generate":
-            encoded = [[gen_row(self.tokenizer, it, i, self.generation)] for i, it in enumerate(self.items)]
+            encoded = [[gen_row(self.tokenizer, it, self.generation)] for it in self.items]
         else:
-            encoded = [item_rows(self.tokenizer, it, i, h.max_length) for i, it in enumerate(self.items)]
+            encoded = [item_rows(self.tokenizer, it, h.max_length) for it in self.items]
         # longest first, as lm-eval orders requests: padding stays small and a memory error shows at once
         self.encoded = sorted(encoded, key=lambda rows: -max(len(r.input_ids) for r in rows))
         log.info("%d benchmark items (%s), %d forward rows", len(self.items),
@@ -118,6 +124,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         out["generation"] = asdict(self.generation) if self.hparams.mode == "generate" else None
         out["rag"] = asdict(self.rag) if self.rag is not None else None
         out["custom_tasks"] = [asdict(t) for t in self.custom_tasks]
+        out["items_available"] = dict(getattr(self, "available", {}))
         return out
 
     def test_dataloader(self):
@@ -135,8 +142,9 @@ class BenchmarkDataModule(L.LightningDataModule):
         return DataLoader(self.encoded, batch_size=self.hparams.batch_size, sampler=sampler,
                           num_workers=self.hparams.num_workers,
                           collate_fn=partial(collate_generate, pad_id=self.tokenizer.pad_token_id,
-                                             generation=self.generation) if self.hparams.mode == "generate"
-                          else partial(collate_items, pad_id=self.tokenizer.pad_token_id))
+                                             generation=self.generation, settings=self.settings())
+                          if self.hparams.mode == "generate"
+                          else partial(collate_items, pad_id=self.tokenizer.pad_token_id, settings=self.settings()))
 
 
 def as_config(cls, value):

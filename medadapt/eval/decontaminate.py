@@ -12,7 +12,6 @@ three-word question inside a paragraph is not evidence of a copy).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -93,23 +92,35 @@ def scan(rows, index: BenchmarkIndex, fields: Optional[list[str]] = None, thresh
     return findings
 
 
+def build_parser():
+    from typing import Optional
+
+    from medadapt.console import command_parser
+
+    p = command_parser("decontaminate", __doc__)
+    p.add_argument("data_files", type=str, nargs="*", help="local training files (JSON array, JSONL, parquet, CSV)")
+    p.add_argument("--dataset", type=Optional[str], default=None,
+                   help="a hub dataset instead of local files, e.g. FreedomIntelligence/medical-o1-reasoning-SFT")
+    p.add_argument("--name", type=Optional[str], default=None, help="hub dataset configuration (e.g. en)")
+    p.add_argument("--split", type=str, default="train", help="hub split")
+    p.add_argument("--max_rows", type=Optional[int], default=None,
+                   help="check only the first N rows (as training would read them)")
+    p.add_argument("--fields", type=Optional[list[str]], default=None, help="text fields to check (default: every string field)")
+    p.add_argument("--tasks", type=list[str], default=TASKS, help="benchmark tasks (default: all nine)")
+    p.add_argument("--local_dir", type=Optional[str], default=None,
+                   help="benchmarks folder in the shared/data/benchmarks layout (default: hub)")
+    p.add_argument("--ngram", type=int, default=8, help="n of the word n-grams")
+    p.add_argument("--threshold", type=float, default=0.5, help="flag a row when this share of a field's n-grams is in one item")
+    p.add_argument("--report", type=str, default="results/decontamination.json", help="where the JSON report goes")
+    p.add_argument("--write_clean", type=Optional[str], default=None, help="write the rows that are not flagged here (JSONL)")
+    return p
+
+
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python -m medadapt decontaminate", description=__doc__.splitlines()[0])
-    ap.add_argument("data_files", nargs="*", help="local training files (JSON array, JSONL, parquet, CSV)")
-    ap.add_argument("--dataset", help="a hub dataset instead of local files, e.g. FreedomIntelligence/medical-o1-reasoning-SFT")
-    ap.add_argument("--name", help="hub dataset configuration (e.g. en)")
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--max_rows", type=int, help="check only the first N rows (as training would read them)")
-    ap.add_argument("--fields", nargs="*", help="text fields to check (default: every string field)")
-    ap.add_argument("--tasks", nargs="*", default=TASKS, help="benchmark tasks (default: all nine)")
-    ap.add_argument("--local_dir", help="benchmarks folder in the shared/data/benchmarks layout (default: hub)")
-    ap.add_argument("--ngram", type=int, default=8, help="n of the word n-grams (default 8)")
-    ap.add_argument("--threshold", type=float, default=0.5, help="flag a row when this share of a field's n-grams is in one item")
-    ap.add_argument("--report", default="results/decontamination.json", help="where the JSON report goes")
-    ap.add_argument("--write_clean", help="write the rows that are not flagged here (JSONL)")
-    args = ap.parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not args.data_files and not args.dataset:
-        ap.error("give training files or --dataset")
+        parser.error("give training files or --dataset")
 
     from medadapt.data.sources import describe_source, load_rows
 

@@ -9,6 +9,7 @@ as wrong, and kept with its generation in predictions.jsonl so it can be read.
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -85,7 +86,7 @@ class GenerationConfig:
 class GenRow:
     """One prompt to generate from."""
 
-    item: int
+    item: Item
     input_ids: list[int]
     thinking: bool = False  # the prompt opened a <think> block: the answer follows </think>
 
@@ -103,7 +104,7 @@ def user_message(item: Item, instruction: str = INSTRUCTION) -> str:
     return f"{item.context}{head}Question: {item.question.strip()}\n\n{ask} {instruction}".strip()
 
 
-def gen_row(tokenizer, item: Item, index: int, generation: GenerationConfig = GenerationConfig()) -> GenRow:
+def gen_row(tokenizer, item: Item, generation: GenerationConfig = GenerationConfig()) -> GenRow:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("generative mode needs a tokenizer with a chat template "
                          f"({getattr(tokenizer, 'name_or_path', tokenizer)!r} has none)")
@@ -111,7 +112,7 @@ def gen_row(tokenizer, item: Item, index: int, generation: GenerationConfig = Ge
                                          add_generation_prompt=True, tokenize=False)
     if generation.open_think and not text.rstrip().endswith("<think>"):
         text += "<think>\n"
-    return GenRow(index, tokenizer.encode(text, add_special_tokens=False), text.rstrip().endswith("<think>"))
+    return GenRow(item, tokenizer.encode(text, add_special_tokens=False), text.rstrip().endswith("<think>"))
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,11 +126,13 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return input_ids, attention_mask
 
 
-def collate_generate(batch: list[list[GenRow]], pad_id: int, generation: GenerationConfig = GenerationConfig()) -> dict:
+def collate_generate(batch: list[list[GenRow]], pad_id: int, generation: GenerationConfig = GenerationConfig(),
+                     settings: Optional[dict] = None) -> dict:
     """A batch carries what scoring it needs: the rows (items, thinking) and the generation settings."""
     rows = [r for group in batch for r in group]
     input_ids, attention_mask = left_pad([r.input_ids for r in rows], pad_id)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "gen_rows": rows, "generation": generation}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "gen_rows": rows, "generation": generation,
+            "mode": "generate", "settings": settings}
 
 
 @dataclass
@@ -147,8 +150,8 @@ def generate(model, tokenizer, batch: dict) -> list[list[Reply]]:
     g: GenerationConfig = batch["generation"]
     eos = tokenizer.eos_token_id
     sampling = {"do_sample": False} if g.greedy else {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p}
-    if not g.greedy:
-        torch.manual_seed(g.seed + batch["gen_rows"][0].item)  # reproducible, whatever else ran before
+    if not g.greedy:  # reproducible, whatever else ran before
+        torch.manual_seed(g.seed + zlib.crc32(f"{batch['gen_rows'][0].item.task}/{batch['gen_rows'][0].item.id}".encode()))
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          max_new_tokens=g.max_new_tokens, num_return_sequences=g.samples, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=eos, **sampling)

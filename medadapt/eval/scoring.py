@@ -10,6 +10,7 @@ the whole question instead of one per choice, with identical numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -20,7 +21,7 @@ from medadapt.eval.tasks import Item
 class Row:
     """One forward pass: ``input_ids`` and, per choice it scores, (choice, continuation tokens)."""
 
-    item: int
+    item: Item
     input_ids: list[int]
     targets: list[tuple[int, list[int]]]
 
@@ -43,16 +44,16 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def item_rows(tokenizer, item: Item, index: int, max_length: int) -> list[Row]:
+def item_rows(tokenizer, item: Item, max_length: int) -> list[Row]:
     pairs = [encode_pair(tokenizer, item.prompt, " " + c) for c in item.choices]  # one prompt: one ctx encoding
     if all(len(cont) == 1 for _, cont in pairs):
         ctx = pairs[0][0][-max_length:]
-        return [Row(index, ctx, [(i, cont) for i, (_, cont) in enumerate(pairs)])]
+        return [Row(item, ctx, [(i, cont) for i, (_, cont) in enumerate(pairs)])]
     rows = []
     for i, (ctx, cont) in enumerate(pairs):
         if not cont:
             raise ValueError(f"{item.task} item {item.id}: choice {item.choices[i]!r} encodes to no tokens")
-        rows.append(Row(index, (ctx + cont)[-(max_length + 1):][:-1], [(i, cont)]))
+        rows.append(Row(item, (ctx + cont)[-(max_length + 1):][:-1], [(i, cont)]))
     return rows
 
 
@@ -68,18 +69,18 @@ def collate_rows(rows: list[Row], pad_id: int) -> dict:
     return {"input_ids": input_ids, "ends": ends, "keep": keep, "rows": rows}
 
 
-def collate_items(batch: list[list[Row]], pad_id: int) -> dict:
-    return collate_rows([r for rows in batch for r in rows], pad_id)
+def collate_items(batch: list[list[Row]], pad_id: int, settings: Optional[dict] = None) -> dict:
+    return {**collate_rows([r for rows in batch for r in rows], pad_id), "mode": "loglikelihood", "settings": settings}
 
 
 @torch.no_grad()
-def score_rows(logits: torch.Tensor, rows: list[Row]) -> dict[int, dict[int, tuple[float, bool]]]:
-    """Per item, per choice: (summed log-likelihood, whether every token is the greedy one).
+def score_rows(logits: torch.Tensor, rows: list[Row]) -> list[tuple[Item, dict[int, tuple[float, bool]]]]:
+    """Per item (in order), per choice: (summed log-likelihood, whether every token is the greedy one).
 
     ``logits`` holds the last positions of left-padded rows; the last ``n`` of them predict an
     ``n``-token continuation (the input ends with ``cont[:-1]``, or with the context when ``n`` is 1).
     """
-    out: dict[int, dict[int, tuple[float, bool]]] = {}
+    out: dict[tuple[str, str], tuple[Item, dict[int, tuple[float, bool]]]] = {}
     width = logits.shape[1]
     for b, row in enumerate(rows):
         for choice, cont in row.targets:
@@ -88,8 +89,8 @@ def score_rows(logits: torch.Tensor, rows: list[Row]) -> dict[int, dict[int, tup
             target = torch.tensor(cont, device=logprobs.device)
             ll = logprobs.gather(-1, target[:, None]).sum().item()
             greedy = bool((logprobs.argmax(-1) == target).all())
-            out.setdefault(row.item, {})[choice] = (ll, greedy)
-    return out
+            out.setdefault((row.item.task, row.item.id), (row.item, {}))[1][choice] = (ll, greedy)
+    return list(out.values())
 
 
 def forward_rows(model, batch: dict) -> torch.Tensor:

@@ -66,7 +66,7 @@ def _fingerprint(cfg: ModelConfig, adapter: Optional[str], dtype: str) -> str:
 def served_weights(cfg: ModelConfig, adapter: Optional[str], dtype: str) -> tuple[str, Optional[dict]]:
     """(model folder, LoRA request or None) that compute what the HF backend evaluates for ``cfg`` + ``adapter``."""
     if cfg.load_in_4bit or cfg.base_adapters:
-        from medadapt.export import export
+        from medadapt.merge import export
 
         folder = cache_dir() / "vllm" / _fingerprint(cfg, adapter, dtype)
         if not (folder / "medadapt_export.json").exists():

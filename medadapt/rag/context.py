@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+
+from medadapt.rag.config import IndexConfig, RetrievalConfig
 
 log = logging.getLogger(__name__)
 HEADER = "Context:\n"
@@ -47,47 +48,41 @@ class RagArmConfig:
     """Benchmark prompts with retrieved snippets (the RAG method in the test stage).
 
     Args:
-        index_dir: A built index (``python -m medadapt index``); its embedder is read from it.
-        store: ``local`` or ``qdrant`` (as in the index config).
-        top_k: Snippets retrieved per question (after fusion).
-        candidates: Snippets each retriever passes to the fusion.
+        index: The index to read (as ``index`` built it: folder, store, embedder; for the local store the
+            embedder is read from the index's manifest).
+        retrieval: Hybrid retrieval settings (snippets after fusion, candidates per retriever).
         max_context_tokens: Token budget of the context block, in the evaluated model's tokens.
-        cache: Keep each question's retrieved snippets in ``<index_dir>/retrieval_cache`` and reuse them.
-        qdrant_url: Qdrant server URL when ``store`` is qdrant (null: local mode in ``index_dir``).
+        cache: Keep each question's retrieved snippets in ``<index dir>/retrieval_cache`` and reuse them.
     """
 
-    index_dir: str = "indexes/textbooks"
-    store: str = "local"
-    top_k: int = 8
-    candidates: int = 32
+    index: IndexConfig = field(default_factory=IndexConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     max_context_tokens: int = 1024
     cache: bool = True
-    qdrant_url: Optional[str] = None
 
-
-def _retriever(cfg: RagArmConfig):
-    from medadapt.rag.local_index import LocalIndex
-    from medadapt.rag.pipelines import HybridRetriever, IndexConfig, RetrievalConfig
-
-    embedder = LocalIndex(cfg.index_dir).manifest().get("embedder") if cfg.store == "local" else None
-    index = IndexConfig(dir=cfg.index_dir, store=cfg.store, qdrant_url=cfg.qdrant_url,
-                        **({"embedder": embedder} if embedder else {}))
-    return HybridRetriever(index, RetrievalConfig(top_k=cfg.top_k, candidates=cfg.candidates))
+    def __post_init__(self) -> None:  # nested dicts from YAML or the command line
+        if isinstance(self.index, dict):
+            self.index = IndexConfig(**self.index)
+        if isinstance(self.retrieval, dict):
+            self.retrieval = RetrievalConfig(**self.retrieval)
 
 
 def retrieve_cached(cfg: RagArmConfig, questions: list[str]) -> list[list[dict]]:
     """Per question: [{id, text}, …], retrieved once per (index build, settings, question)."""
-    from medadapt.rag.local_index import LocalIndex
+    from medadapt.rag.pipelines import HybridRetriever
+    from medadapt.rag.stores import open_store
 
-    built = LocalIndex(cfg.index_dir).manifest().get("built") if cfg.store == "local" else cfg.qdrant_url
-    key = json.dumps([built, cfg.store, cfg.top_k, cfg.candidates], sort_keys=True)
-    path = Path(cfg.index_dir) / "retrieval_cache" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    store = open_store(cfg.index)
+    key = json.dumps([store.version(), cfg.index.store, cfg.retrieval.top_k, cfg.retrieval.candidates], sort_keys=True)
+    path = Path(cfg.index.dir) / "retrieval_cache" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
     cache: dict = json.loads(path.read_text()) if cfg.cache and path.exists() else {}
     digest = [hashlib.sha256(q.encode()).hexdigest() for q in questions]
     todo = sorted({d: q for d, q in zip(digest, questions) if d not in cache}.items())
     if todo:
         log.info("retrieving for %d questions (%d cached)", len(todo), len(questions) - len(todo))
-        found = _retriever(cfg).retrieve_batch([q for _, q in todo])
+        embedder = store.recorded_embedder()
+        index = replace(cfg.index, embedder=embedder) if embedder else cfg.index
+        found = HybridRetriever(index, cfg.retrieval, store).retrieve_batch([q for _, q in todo])
         for (d, _), docs in zip(todo, found):
             cache[d] = [{"id": doc.id, "text": snippet_text(doc), "score": doc.score} for doc in docs]
         if cfg.cache:

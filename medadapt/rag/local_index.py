@@ -1,8 +1,8 @@
 """The embedded document store: FAISS for dense vectors, bm25s for BM25, Parquet for the texts.
 
 Why not Haystack's ``InMemoryDocumentStore``: at MedRAG/textbooks size (125,800 snippets) its BM25 and
-embedding retrievers take 3.5–4.5 s per query and its JSON persistence 1.2 GB / 89 s to load
-(measured in issue 4). ``faiss-haystack`` pins numpy<2, which the rest of the stack has left. So the
+embedding retrievers took 3.5–4.5 s per query and its JSON persistence 1.2 GB / 89 s to load (measured
+2026-11-26 on the 2-core CPU with haystack-ai 3.4; benchmarks/rag_latency.py measures this store). ``faiss-haystack`` pins numpy<2, which the rest of the stack has left. So the
 store is built from the libraries made for each half: FAISS (``SQfp16``: half the memory of a flat
 index, recall@32 0.999 against it) and bm25s (sparse-matrix BM25, ~2 ms per query), with Haystack
 components around them (``rag/retrievers.py``).
@@ -300,16 +300,3 @@ class SearchIndex:
         records = self.docs.take([row for row, _ in hits]).to_pylist()
         return [Document(id=r["id"], content=r["content"], meta=json.loads(r["meta"]), score=score)
                 for r, (_, score) in zip(records, hits)]
-
-
-_LOADED: dict[str, SearchIndex] = {}
-
-
-def load_search_index(directory: str) -> SearchIndex:
-    """One loaded copy per folder and process, shared by the dense and BM25 retriever components."""
-    key = str(Path(directory).resolve())
-    built = LocalIndex(directory).manifest().get("built")
-    cached = _LOADED.get(key)
-    if cached is None or cached.manifest.get("built") != built:
-        _LOADED[key] = SearchIndex(directory)
-    return _LOADED[key]

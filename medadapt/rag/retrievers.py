@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict
 
-from medadapt.rag.local_index import LocalIndex, load_search_index
+from medadapt.rag.local_index import LocalIndex, SearchIndex
 
 
 @component
@@ -39,18 +39,25 @@ class LocalIndexWriter:
 
 
 class _LocalRetriever:
-    def __init__(self, index_dir: str, top_k: int = 32):
-        self.index_dir, self.top_k = index_dir, top_k
-        self._index = None
+    """``store``: the ``LocalStore`` the pipeline was built over (anything with ``search_index()``), so both
+    retrievers share one loaded index; not serialized: a pipeline loaded from YAML opens the folder itself."""
+
+    def __init__(self, index_dir: str, top_k: int = 32, store=None):
+        if top_k < 1:
+            raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+        self.index_dir, self.top_k, self.store = index_dir, top_k, store
+        self._own: Optional[SearchIndex] = None
 
     def warm_up(self) -> None:
-        if self._index is None:
-            self._index = load_search_index(self.index_dir)
+        self.index  # noqa: B018  (loads it)
 
     @property
-    def index(self):
-        self.warm_up()
-        return self._index
+    def index(self) -> SearchIndex:
+        if self.store is not None:
+            return self.store.search_index()
+        if self._own is None:
+            self._own = SearchIndex(self.index_dir)
+        return self._own
 
     def to_dict(self) -> dict:
         return default_to_dict(self, index_dir=self.index_dir, top_k=self.top_k)

@@ -10,8 +10,8 @@ store does BM25 + dense + fusion where the data lives, and the client sends two 
 from __future__ import annotations
 
 import zlib
-from dataclasses import replace
 from collections import Counter
+from dataclasses import replace
 
 from haystack import Document, component
 from haystack.dataclasses import SparseEmbedding
@@ -23,9 +23,20 @@ def _term_ids(text: str) -> Counter:
     return Counter(zlib.crc32(t.encode()) & 0x7FFFFFFF for t in bm25_tokens([text], return_ids=False)[0])
 
 
+def mean_length(corpus_documents) -> float:
+    """BM25's average document length (in its terms) over a corpus: ``corpus_documents()`` yields Documents."""
+    total = count = 0
+    for doc in corpus_documents():
+        title = (doc.meta or {}).get("title")
+        total += sum(_term_ids(f"{title}\n{doc.content}" if title else doc.content or "").values())
+        count += 1
+    return total / count if count else 1.0
+
+
 @component
 class BM25SparseDocumentEmbedder:
-    """Sets ``sparse_embedding`` on each document: BM25 term-frequency weights (k1, b, avg_length)."""
+    """Sets ``sparse_embedding`` on each document: BM25 term-frequency weights (k1, b, avg_length: the corpus's
+    mean length in terms, measured by ``mean_length`` before indexing)."""
 
     def __init__(self, k1: float = 1.2, b: float = 0.75, avg_length: float = 120.0):
         self.k1, self.b, self.avg_length = k1, b, avg_length

@@ -10,7 +10,7 @@ import yaml
 from medadapt.eval.custom_task import CustomTask, load_custom
 from medadapt.eval.tasks import MalformedItemError
 
-from ..conftest import REPO, tiny_trainer
+from ..conftest import REPO, connect, tiny_trainer
 
 QUESTIONS = [("Which drug reverses heparin?", ["Vitamin K", "Protamine sulfate", "Idarucizumab", "Andexanet",
                                                 "Naloxone"], 1),
@@ -61,7 +61,7 @@ def test_custom_tasks_run_in_both_modes_and_are_named_in_results(tiny_qwen, tmp_
                                                                             "benchmarks"), limit=2,
                                custom_tasks=tasks, mode=mode, batch_size=4,
                                generation={"temperature": 0.0, "max_new_tokens": 4, "answer_budget": 2})
-    tiny_trainer(tmp_path).test(module, data)
+    tiny_trainer(tmp_path).test(module, connect(data, module))
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert set(results["tasks"]) == {"mmlu_medical_genetics", "listed", "keyed"}
     assert results["tasks"]["listed"]["n"] == 2 and results["items_available"]["keyed"] == 3

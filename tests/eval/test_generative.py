@@ -12,8 +12,7 @@ from medadapt.eval.tasks import load_task
 from medadapt.eval.generative import GenerationConfig, collate_generate, gen_row, generate, user_message
 from medadapt.eval.report import summarize
 
-from ..conftest import DATA
-from .test_scoring import run_test_stage
+from ..conftest import DATA, run_test_stage
 
 BENCH = str(DATA / "benchmarks")
 
@@ -23,13 +22,13 @@ GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=12, answer_budget=0)
 
 def test_chat_prompt_carries_question_options_and_instruction_and_opens_the_thought(r1_tokenizer):
     item = load_task("medqa_4options", BENCH)[0]
-    row = gen_row(r1_tokenizer, item, 0)
+    row = gen_row(r1_tokenizer, item)
     text = r1_tokenizer.decode(row.input_ids)
     assert text.endswith("<｜Assistant｜><think>\n") and row.thinking  # DeepSeek: start the reply with <think>\n
     assert user_message(item) in text and "\\boxed{}" in text and "D. " + item.options[3] in text
     assert row.input_ids[0] == r1_tokenizer.bos_token_id and row.input_ids.count(r1_tokenizer.bos_token_id) == 1
     assert "<｜System｜>" not in text and "system" not in text.lower()[:40]  # no system prompt
-    plain = gen_row(r1_tokenizer, item, 0, GenerationConfig(open_think=False))
+    plain = gen_row(r1_tokenizer, item, GenerationConfig(open_think=False))
     assert r1_tokenizer.decode(plain.input_ids).endswith("<｜Assistant｜>") and not plain.thinking
 
 
@@ -38,7 +37,7 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny_qwen,
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32).eval()
     items = load_task("mmlu_anatomy", BENCH)[:2] + load_task("pubmedqa", BENCH)[:1]
-    rows = [[gen_row(r1_tokenizer, it, i, GREEDY)] for i, it in enumerate(items)]
+    rows = [[gen_row(r1_tokenizer, it, GREEDY)] for it in items]
     assert len({len(r[0].input_ids) for r in rows}) == 3  # different lengths: padding is exercised
     batched = generate(model, r1_tokenizer, collate_generate(rows, r1_tokenizer.pad_token_id, GREEDY))
     alone = [generate(model, r1_tokenizer, collate_generate([r], r1_tokenizer.pad_token_id, GREEDY))[0] for r in rows]
@@ -49,7 +48,7 @@ def test_sampling_gives_n_reproducible_replies_and_budget_forcing_closes_the_tho
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32).eval()
-    rows = [[gen_row(r1_tokenizer, it, i)] for i, it in enumerate(load_task("mmlu_anatomy", BENCH)[:2])]
+    rows = [[gen_row(r1_tokenizer, it)] for it in load_task("mmlu_anatomy", BENCH)[:2]]
     g = GenerationConfig(samples=3, max_new_tokens=6, answer_budget=4, seed=5)
     first = generate(model, r1_tokenizer, collate_generate(rows, r1_tokenizer.pad_token_id, g))
     again = generate(model, r1_tokenizer, collate_generate(rows, r1_tokenizer.pad_token_id, g))

@@ -11,22 +11,10 @@ from medadapt.eval.data import BenchmarkDataModule
 from medadapt.eval.tasks import TASKS
 from medadapt.eval.scoring import collate_rows, encode_pair, forward_rows, item_rows, score_rows
 
-from ..conftest import DATA, tiny_trainer
+from ..conftest import DATA, run_test_stage
 from .lm_eval_reference import hub_doc, run_lm_eval
 
 BENCH = str(DATA / "benchmarks")
-
-
-def run_test_stage(model_path, tmp_path, **data_kw):
-    from medadapt.model import ModelConfig
-    from medadapt.module import CausalLMModule
-
-    module = CausalLMModule(model=ModelConfig(name_or_path=model_path, load_in_4bit=False, compute_dtype="float32",
-                                              gradient_checkpointing=False),
-                            lora=None, results_dir=str(tmp_path / "results"))
-    data = BenchmarkDataModule(local_dir=BENCH, **data_kw)
-    tiny_trainer(tmp_path).test(module, data)
-    return module, data
 
 
 @pytest.mark.slow
@@ -64,10 +52,11 @@ def test_single_forward_equals_per_choice_forwards(tiny_qwen, r1_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32).eval()
     data = BenchmarkDataModule(tasks=["pubmedqa", "medqa_4options"], local_dir=BENCH, limit=2, tokenizer=tiny_qwen)
     data.setup("test")
-    for index, item in enumerate(data.items):
-        rows = item_rows(r1_tokenizer, item, index, 4096)
+    for item in data.items:
+        rows = item_rows(r1_tokenizer, item, 4096)
         assert len(rows) == 1 and len(rows[0].targets) == len(item.choices)
-        shared = score_rows(forward_rows(model, collate_rows(rows, 0)), rows)[index]
+        [(scored, shared)] = score_rows(forward_rows(model, collate_rows(rows, 0)), rows)
+        assert scored is item
         for c, choice in enumerate(item.choices):
             ctx, cont = encode_pair(r1_tokenizer, item.prompt, " " + choice)
             with torch.no_grad():

@@ -39,7 +39,7 @@ def run(tmp_path, name: str, backend: str, adapter=None) -> tuple[dict, list[dic
     from medadapt.eval.data import BenchmarkDataModule
     from medadapt.module import CausalLMModule
 
-    from ..conftest import tiny_trainer
+    from ..conftest import connect, tiny_trainer
 
     module = CausalLMModule(model=ModelConfig(name_or_path=SMOL, compute_dtype="float32", gradient_checkpointing=False),
                             lora=None, init_adapter=adapter, results_dir=str(tmp_path / name))
@@ -47,7 +47,7 @@ def run(tmp_path, name: str, backend: str, adapter=None) -> tuple[dict, list[dic
                                seed=3, batch_size=3, mode="generate",
                                generation={"backend": backend, "temperature": 0.0, "max_new_tokens": 24,
                                            "answer_budget": 8, "enforce_eager": True})
-    tiny_trainer(tmp_path).test(module, data)
+    tiny_trainer(tmp_path).test(module, connect(data, module))
     results = json.loads((tmp_path / name / "results.json").read_text())
     return results, [json.loads(line) for line in open(tmp_path / name / "predictions.jsonl")]
 

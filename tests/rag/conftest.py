@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from medadapt.rag.config import IndexConfig, RetrievalConfig
 from medadapt.rag.corpus import CorpusConfig
-from medadapt.rag.pipelines import HybridRetriever, IndexConfig, RetrievalConfig, build_index
+from medadapt.rag.pipelines import HybridRetriever, build_index
 
 from ..conftest import DATA
 

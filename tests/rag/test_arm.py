@@ -7,6 +7,7 @@ import json
 import pytest
 
 from medadapt.eval.data import BenchmarkDataModule
+from medadapt.rag.config import RetrievalConfig
 from medadapt.rag.context import HEADER, RagArmConfig, format_context
 
 from ..conftest import DATA
@@ -28,7 +29,7 @@ def test_context_fits_the_budget_and_cuts_cleanly(r1_tokenizer):
 
 
 def arm(index_cfg, **kw) -> RagArmConfig:
-    return RagArmConfig(index_dir=index_cfg.dir, top_k=3, max_context_tokens=200, **kw)
+    return RagArmConfig(index=index_cfg, retrieval=RetrievalConfig(top_k=3), max_context_tokens=200, **kw)
 
 
 def test_arm_prepends_snippets_and_keeps_items_choices_and_gold(medquad_index, r1_tokenizer, monkeypatch):
@@ -45,9 +46,9 @@ def test_arm_prepends_snippets_and_keeps_items_choices_and_gold(medquad_index, r
         assert len(r1_tokenizer.encode(r.context, add_special_tokens=False)) <= 200
         assert 1 <= len(r.extra["retrieved_ids"]) <= 3
     # retrieval happened once per item and is cached: a second data module does not retrieve
-    import medadapt.rag.context as context
+    import medadapt.rag.pipelines as pipelines
 
-    monkeypatch.setattr(context, "_retriever", lambda cfg: pytest.fail("retrieved again despite the cache"))
+    monkeypatch.setattr(pipelines, "HybridRetriever", lambda *a, **k: pytest.fail("retrieved again despite the cache"))
     again = BenchmarkDataModule(tasks=TASKS, local_dir=BENCH, limit=3, tokenizer=plain.hparams.tokenizer,
                                 rag=arm(medquad_index))
     again.setup("test")
@@ -55,20 +56,20 @@ def test_arm_prepends_snippets_and_keeps_items_choices_and_gold(medquad_index, r
 
 
 def test_rag_test_stage_stores_retrieved_ids_with_predictions(medquad_index, tiny_qwen, tmp_path):
-    from tests.eval.test_scoring import run_test_stage
+    from ..conftest import run_test_stage
 
     run_test_stage(tiny_qwen, tmp_path, tasks=TASKS, limit=2, rag=arm(medquad_index))
     preds = [json.loads(line) for line in open(tmp_path / "results" / "predictions.jsonl")]
     assert len(preds) == 4 and all(p["retrieved_ids"] and len(p["loglikelihoods"]) == p["n_choices"] for p in preds)
     results = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert results["data"]["rag"]["index_dir"] == medquad_index.dir
+    assert results["data"]["rag"]["index"]["dir"] == medquad_index.dir
 
 
 def test_ask_answers_with_an_adapter_and_prints_its_sources(medquad_index, tiny_qwen, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from medadapt.rag.cli import ask_main
+    from medadapt.commands.rag import ask_main
 
     adapter = tmp_path / "adapter"
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_qwen), LoraConfig(r=4, target_modules="all-linear")) \

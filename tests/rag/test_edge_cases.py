@@ -9,7 +9,8 @@ import pytest
 
 from medadapt.rag.corpus import CorpusConfig, documents
 from medadapt.rag.local_index import LocalIndex, SearchIndex
-from medadapt.rag.pipelines import HybridRetriever, IndexConfig, RetrievalConfig, build_index
+from medadapt.rag.config import IndexConfig, RetrievalConfig
+from medadapt.rag.pipelines import HybridRetriever, build_index
 
 from .conftest import ids, medquad_corpus
 
@@ -73,10 +74,13 @@ def test_another_embedder_cannot_write_into_an_index(medquad_index):
 
 
 def test_qdrant_local_mode_runs_the_same_pipelines(tmp_path):
+    from medadapt.rag.stores import open_store
+
     cfg = IndexConfig(dir=str(tmp_path / "qdrant"), store="qdrant", chunk_size=32)
-    first = build_index(medquad_corpus(60), cfg)
+    store = open_store(cfg)  # one client: Qdrant's local mode locks its folder to one
+    first = build_index(medquad_corpus(60), cfg, store=store)
     assert first["embedded"] > 0
-    assert build_index(medquad_corpus(60), cfg)["embedded"] == 0  # already stored: nothing re-embedded
-    retriever = HybridRetriever(cfg, RetrievalConfig(top_k=5))
+    assert build_index(medquad_corpus(60), cfg, store=store)["embedded"] == 0  # already stored: nothing re-embedded
+    retriever = HybridRetriever(cfg, RetrievalConfig(top_k=5), store=store)
     docs = retriever.retrieve("What are the symptoms of Adult Soft Tissue Sarcoma ?")
     assert "0000003_1-3" in ids(docs)

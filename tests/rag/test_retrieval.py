@@ -7,7 +7,8 @@ import json
 import pytest
 
 from medadapt.rag.local_index import LocalIndex, SearchIndex
-from medadapt.rag.pipelines import IndexConfig, build_index
+from medadapt.rag.config import IndexConfig
+from medadapt.rag.pipelines import build_index
 
 from .conftest import KNOWN, MEDQUAD, N_DOCS, ids, medquad_corpus
 
@@ -39,12 +40,10 @@ def test_batch_retrieval_equals_one_by_one(retriever):
 
 
 def test_persist_reload_and_yaml_round_trip_give_identical_results(medquad_index, retriever):
-    from medadapt.rag import local_index
     from medadapt.rag.pipelines import load_pipeline
 
     before = [retriever.retrieve(q) for q, _ in KNOWN]
-    local_index._LOADED.clear()  # a new process: files only
-    reloaded = load_pipeline(retriever.pipeline.dumps())
+    reloaded = load_pipeline(retriever.pipeline.dumps())  # its retrievers open the folder themselves
     reloaded.warm_up()
     for (q, _), docs in zip(KNOWN, before):
         out = reloaded.run({"query_embedder": {"text": q}, "bm25": {"query": q}})["joiner"]["documents"]

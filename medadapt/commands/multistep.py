@@ -55,21 +55,14 @@ def stage_config(stage: Stage, stage_dir: Path, previous: Optional[dict]) -> dic
     ``previous`` is the previous stage's config as this runner wrote it.
     """
     cfg = yaml.safe_load(Path(stage.config).read_text())
+    cfg["run_dir"] = str(stage_dir)  # fit puts its checkpoints (last.ckpt) and adapter there (cli.py)
     trainer = cfg.setdefault("trainer", {})
-    callbacks = [c for c in trainer.get("callbacks") or []
-                 if not str(c.get("class_path", "")).endswith("ModelCheckpoint")]
-    kept = next((c for c in trainer.get("callbacks") or [] if str(c.get("class_path", "")).endswith("ModelCheckpoint")),
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {}})
-    kept["init_args"] = {**kept.get("init_args", {}), "dirpath": str(stage_dir / "checkpoints"), "save_last": True}
-    trainer["callbacks"] = callbacks + [kept]
-    logger = trainer.get("logger") or {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {}}
-    if isinstance(logger, dict):
-        logger.setdefault("init_args", {})
-        logger["init_args"].setdefault("save_dir", "lightning_logs")
-        logger["init_args"]["name"] = f"{stage_dir.parent.name}-{stage.name}"  # <work_dir name>-<stage>
+    logger = trainer.get("logger", {"class_path": "lightning.pytorch.loggers.TensorBoardLogger"})
+    if isinstance(logger, dict):  # a configured logger: its run is named <work_dir name>-<stage>
+        logger["init_args"] = {"save_dir": "lightning_logs", **logger.get("init_args", {}),
+                               "name": f"{stage_dir.parent.name}-{stage.name}"}
         trainer["logger"] = logger
     model = cfg.setdefault("model", {})
-    model["adapter_dir"] = str(stage_dir / "adapter")
     if previous is not None:
         prev_model = previous["model"].get("model") or {}
         own = model.setdefault("model", {})
@@ -77,12 +70,12 @@ def stage_config(stage: Stage, stage_dir: Path, previous: Optional[dict]) -> dic
             raise ValueError(f"stage {stage.name!r} ({stage.config}) trains {own['name_or_path']!r} but starts from a "
                              f"stage trained on {prev_model.get('name_or_path')!r}: both must name the same base")
         own["name_or_path"] = prev_model.get("name_or_path")
-        own["base_adapters"] = [*(prev_model.get("base_adapters") or []), previous["model"]["adapter_dir"]]
+        own["base_adapters"] = [*(prev_model.get("base_adapters") or []), str(Path(previous["run_dir"]) / "adapter")]
         model["init_adapter"] = None  # a fresh LoRA on top of the previous stages' adapters
     return cfg
 
 
-def run_stage(stage: Stage, stage_dir: Path, cfg: dict) -> None:
+def run_stage(stage: Stage, stage_dir: Path, cfg: dict, log_file: Optional[Path] = None) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
     config_path = stage_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -91,19 +84,31 @@ def run_stage(stage: Stage, stage_dir: Path, cfg: dict) -> None:
     if last.exists():
         log.info("stage %s: resuming from %s", stage.name, last)
         args += ["--ckpt_path", str(last)]
-    launch(args)
+    launch(args, log_file)
 
 
-def launch(args: list[str]) -> None:
+def launch(args: list[str], log_file: Optional[Path] = None) -> None:
     """``python -m medadapt ARGS`` in a subprocess, so Lightning's DDP launcher and cluster environments see
-    a plain command line (a fit inside this process could not spawn its ranks)."""
+    a plain command line (a fit inside this process could not spawn its ranks). With ``log_file`` its output
+    goes there, and a failure raises with the log's last lines."""
     cmd = [sys.executable, "-m", "medadapt", *args]
     log.info("running: %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, env=os.environ.copy())
+    if log_file is None:
+        subprocess.run(cmd, check=True, env=os.environ.copy())
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as out:
+        out.write(" ".join(cmd) + "\n\n")
+        out.flush()
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+    if code != 0:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"`python -m medadapt {args[0]}` failed (exit {code}); log {log_file}:\n{tail}")
 
 
-def run(stages: list[Stage], work_dir: str) -> list[dict]:
-    """Run the chain; returns, per stage, ``{"stage", "outcome" (trained | skipped), "adapter", "config"}``."""
+def run(stages: list[Stage], work_dir: str, log_dir: Optional[Path] = None) -> list[dict]:
+    """Run the chain; returns, per stage, ``{"stage", "outcome" (trained | skipped), "adapter", "config"}``.
+    With ``log_dir`` each stage's output goes to ``<log_dir>/<stage>.log`` instead of the console."""
     work = Path(work_dir)
     for stage in stages:
         stage_dir = (work / stage.name).resolve()
@@ -120,23 +125,22 @@ def run(stages: list[Stage], work_dir: str) -> list[dict]:
             log.info("stage %s: already done (%s), skipped", stage.name, marker)
             outcome = "skipped"
         else:
-            run_stage(stage, stage_dir, cfg)
+            run_stage(stage, stage_dir, cfg, log_dir / f"{work.name}-{stage.name}.log" if log_dir else None)
             marker.write_text(json.dumps({"stage": stage.name, "config": str(stage_dir / "config.yaml"),
                                           "adapter": str(stage_dir / "adapter")}, indent=2))
             outcome = "trained"
-        done.append({"stage": stage.name, "outcome": outcome, "adapter": cfg["model"]["adapter_dir"],
+        done.append({"stage": stage.name, "outcome": outcome, "adapter": str(stage_dir / "adapter"),
                      "config": str(stage_dir / "config.yaml")})
         previous = cfg
     return done
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from medadapt.console import command_parser
 
-    p = ArgumentParser(prog="python -m medadapt multistep", description=__doc__.splitlines()[0])
-    p.add_argument("--config", action=ActionConfigFile, help="configs/multistep.yaml")
+    p = command_parser("multistep", __doc__, "configs/multistep.yaml")
     p.add_argument("--work_dir", type=str, default="checkpoints/multistep",
-                   help="one folder per stage (config, checkpoints, adapter, DONE.json) and <stage>-merged")
+                   help="one folder per stage: its config, checkpoints, adapter and DONE.json")
     p.add_argument("--stages", type=list[Stage], help="the fits to run in order")
     return p
 

@@ -1,6 +1,7 @@
 """``python -m medadapt study --config configs/demo/study.yaml``: base vs RAG vs SFT vs CPT→SFT vs SFT+RAG.
 
-The study is the project's question in one command. It only strings together the commands a user
+The study is the project's question in one command, printing one line per step (each step's own output
+goes to ``<work_dir>/logs/``) and the comparison table at the end. It strings together the commands a user
 would type, each on its own config: ``index`` (RAG corpus), ``multistep`` (SFT alone; CPT then SFT),
 ``test`` once per method on the same seeded benchmark items, then ``compare`` (table with 95% CIs,
 paired McNemar tests against the baseline, chart). Every step reuses what a previous run built: the
@@ -21,12 +22,10 @@ METHODS = ["base", "rag", "sft", "cpt_sft", "sft_rag"]
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from medadapt.console import command_parser
+    from medadapt.rag.config import RetrievalConfig
 
-    from medadapt.rag.context import RagArmConfig
-
-    p = ArgumentParser(prog="python -m medadapt study", description=__doc__.splitlines()[0])
-    p.add_argument("--config", action=ActionConfigFile, help="configs/demo/study.yaml or configs/study.yaml")
+    p = command_parser("study", __doc__, "configs/demo/study.yaml or configs/study.yaml")
     p.add_argument("--work_dir", type=str, default="results/study",
                    help="training chains, per-method results and the comparison go here")
     p.add_argument("--methods", type=list[str], default=METHODS, help=f"any of {METHODS}")
@@ -40,8 +39,10 @@ def build_parser():
     p.add_argument("--eval_in_4bit", type=bool, default=True,
                    help="evaluate every method on the nf4 base the adapters were trained on, so the "
                         "differences are the methods', not quantization's")
-    p.add_argument("--rag", type=RagArmConfig, default=RagArmConfig(),
-                   help="RAG arm settings; index_dir and store are taken from index_config")
+    p.add_argument("--retrieval", type=RetrievalConfig, default=RetrievalConfig(),
+                   help="the RAG arms' retrieval (the index itself is index_config's)")
+    p.add_argument("--max_context_tokens", type=int, default=1024,
+                   help="the RAG arms' budget for retrieved snippets, in the evaluated model's tokens")
     p.add_argument("--shared_data", type=Optional[str], default="../shared/data",
                    help="offline data the demo configs read; when absent, every step reads the hub instead")
     return p
@@ -58,11 +59,27 @@ def hub_overrides(shared: Optional[str]) -> dict[str, list[str]]:
             "test": ["--data.init_args.local_dir", "null"]}
 
 
-def train(chain: str, stages: list, work: Path) -> str:
-    """Run a chain of fits; the final stage's adapter folder (its metadata names the base adapters)."""
-    from medadapt.multistep import run
+def step(name: str, work) -> object:
+    """Run one step of the study and say so in one line (its own output is in its log file)."""
+    import time
 
-    return run(stages, str(work / chain))[-1]["adapter"]
+    started = time.perf_counter()
+    print(f"study: {name} …", flush=True)
+    result = work()
+    print(f"study: {name}: done in {time.perf_counter() - started:.0f} s", flush=True)
+    return result
+
+
+def train(chain: str, stages: list, work: Path) -> str:
+    """Run a chain of fits, one line per stage; the final stage's adapter folder (its metadata names the base
+    adapters). Each stage's output is in ``<work_dir>/logs/<chain>-<stage>.log``."""
+    from medadapt.commands.multistep import run
+
+    done = step(f"train {chain} ({' → '.join(s.name for s in stages)})",
+                lambda: run(stages, str(work / chain), log_dir=work / "logs"))
+    for stage in done:
+        print(f"study:   {chain}/{stage['stage']}: {stage['outcome']} → {stage['adapter']}", flush=True)
+    return done[-1]["adapter"]
 
 
 def method_args(method: str, adapters: dict[str, str], rag: dict, in_4bit: bool) -> list[str]:
@@ -81,10 +98,11 @@ def method_args(method: str, adapters: dict[str, str], rag: dict, in_4bit: bool)
 def run_study(a) -> Path:
     from dataclasses import asdict
 
+    from medadapt.commands.multistep import Stage, launch
+    from medadapt.commands.rag import build_parser as rag_parser
+    from medadapt.commands.rag import index_main
     from medadapt.eval.compare import main as compare
-    from medadapt.multistep import Stage, launch
-    from medadapt.rag.cli import build_parser as rag_parser
-    from medadapt.rag.cli import index_main
+    from medadapt.rag.context import RagArmConfig
 
     unknown = set(a.methods) - set(METHODS)
     if unknown or a.baseline not in a.methods:
@@ -92,12 +110,13 @@ def run_study(a) -> Path:
     work = Path(a.work_dir)
     hub = hub_overrides(a.shared_data)
     train_args = list(a.train_args) + hub["fit"]
-    rag = asdict(a.rag)
+    rag = None
     if {"rag", "sft_rag"} & set(a.methods):
         index_args = ["--config", a.index_config, *hub["index"]]
-        index = rag_parser("index").parse_args(index_args).index
-        rag.update(index_dir=index.dir, store=index.store, qdrant_url=index.qdrant_url)
-        index_main(index_args)  # in-process: indexing never launches DDP workers
+        parser = rag_parser("index")
+        index = parser.instantiate_classes(parser.parse_args(index_args)).index
+        rag = asdict(RagArmConfig(index=index, retrieval=a.retrieval, max_context_tokens=a.max_context_tokens))
+        step("index", lambda: index_main(index_args))  # in-process: indexing never launches DDP workers
     adapters = {}
     if {"sft", "sft_rag"} & set(a.methods):
         adapters["sft"] = train("sft", [Stage("sft", a.sft_config, train_args)], work)
@@ -111,8 +130,10 @@ def run_study(a) -> Path:
                 *method_args(method, adapters, rag, a.eval_in_4bit)]
         done = results / "study_command.json"  # reuse a result only if the same command produced it
         if not (results / "results.json").exists() or not done.exists() or json.loads(done.read_text()) != args:
-            launch(args)
+            step(f"evaluate {method}", lambda: launch(args, work / "logs" / f"test-{method}.log"))
             done.write_text(json.dumps(args))
+        else:
+            print(f"study: evaluate {method}: reused {results / 'results.json'}", flush=True)
         runs.append(f"{method}={results}")
     compare([*runs, "--baseline", a.baseline, "--out", str(work / "comparison")])
     return work / "comparison.md"

@@ -1,4 +1,4 @@
-"""``python -m medadapt export``: merge a LoRA adapter into its base → a standalone HF model folder.
+"""Merging adapters into their base → a standalone HF model folder (``python -m medadapt export``, vLLM serving).
 
 QLoRA adapters were trained against the *nf4-quantized* base weights. Merging the adapter into the
 4-bit layers in place (peft's ``merge_and_unload`` on a bnb model) rounds the sum back to 4 bits, which
@@ -14,7 +14,6 @@ weights back to the nf4 grid and erases most of a small update (why CPT→SFT st
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import asdict, replace
@@ -67,29 +66,3 @@ def export(base: ModelConfig, adapter_dir: Optional[str], out_dir: str, dtype: s
         {"base": asdict(cfg), "adapter": adapter_dir, "dtype": dtype}, indent=2))
     log.info("exported %s + %s → %s", base.name_or_path, [*cfg.base_adapters, adapter_dir], out)
     return out
-
-
-def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python -m medadapt export", description=__doc__.splitlines()[0])
-    ap.add_argument("--base", required=True, help="base model: hub id, local folder or packaged name")
-    ap.add_argument("--adapter", help="PEFT adapter folder (e.g. checkpoints/sft/adapter); omit to export the base")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--trained_in_4bit", default=None, choices=["true", "false"],
-                    help="whether the adapter was trained on the nf4 base (QLoRA) or unquantized; default: as "
-                         "its medadapt_adapter.json records")
-    ap.add_argument("--quant_type", default="nf4", help="4-bit type used in training (nf4 | fp4)")
-    ap.add_argument("--double_quant", default="true", choices=["true", "false"])
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                    help="dtype of the written weights")
-    ap.add_argument("--trust_remote_code", action="store_true")
-    args = ap.parse_args(argv)
-    in_4bit = None if args.trained_in_4bit is None else args.trained_in_4bit == "true"
-    if in_4bit is None and args.adapter and "load_in_4bit" not in ((read_adapter_metadata(args.adapter) or {})
-                                                                   .get("base") or {}):
-        raise SystemExit(f"{args.adapter} does not record how it was trained (no medadapt_adapter.json): "
-                         "say --trained_in_4bit true (QLoRA) or false")
-    base = ModelConfig(name_or_path=args.base, load_in_4bit=in_4bit, quant_type=args.quant_type,
-                       double_quant=args.double_quant == "true", trust_remote_code=args.trust_remote_code)
-    out = export(base, args.adapter, args.out, args.dtype)
-    print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
-

@@ -10,8 +10,8 @@ import logging
 from typing import Optional
 
 from medadapt.model import LoraConfig, ModelConfig
+from medadapt.rag.config import IndexConfig, RetrievalConfig
 from medadapt.rag.corpus import CorpusConfig
-from medadapt.rag.pipelines import IndexConfig, RetrievalConfig
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +20,9 @@ ASK_TEMPLATE = ("{context}Answer the medical question below. Use the context whe
 
 
 def build_parser(command: str):
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from medadapt.console import command_parser
 
-    p = ArgumentParser(prog=f"python -m medadapt {command}", description=__doc__.splitlines()[0],
-                       default_env=False)
-    p.add_argument("--config", action=ActionConfigFile, help="a YAML file with the keys below (configs/rag.yaml)")
+    p = command_parser(command, __doc__, "a YAML file with the keys below (configs/rag.yaml)")
     p.add_class_arguments(CorpusConfig, "corpus", help="The corpus to index.")
     p.add_class_arguments(IndexConfig, "index", help="The index: where, which store, which embedder.")
     p.add_class_arguments(RetrievalConfig, "retrieval", help="Hybrid retrieval (BM25 + dense, RRF).")
