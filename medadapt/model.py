@@ -48,7 +48,11 @@ class ModelConfig:
         compute_dtype: dtype of 4-bit matmuls and of non-quantized weights: ``bfloat16``,
             ``float16`` or ``float32``. ``auto`` picks bfloat16 on a CUDA GPU that supports it,
             float16 on other GPUs and float32 on CPU.
-        attn_implementation: ``sdpa`` (default; needed for packed 4D masks) or ``eager``.
+        attn_implementation: ``auto`` picks the fastest implementation that isolates packed examples here:
+            on CUDA ``flash_attention_2`` when ``flash_attn`` is installed (varlen), else
+            ``flex_attention`` with a document mask (needs Triton), else ``sdpa``; on CPU ``sdpa``. Or name
+            one: ``sdpa``, ``eager``, ``flex_attention``, ``flash_attention_2``. All of them isolate packed
+            examples from their restarted position_ids.
         gradient_checkpointing: Recompute activations in backward (non-reentrant, DDP-safe).
         trust_remote_code: Run modelling code shipped with a hub repo. Off unless you trust it.
     """
@@ -60,13 +64,13 @@ class ModelConfig:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = True
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:  # the same checks for Python callers as the CLI's types give
         for name, allowed in (("quant_type", ("nf4", "fp4")), ("compute_dtype", ("auto", "bfloat16", "float16", "float32")),
-                              ("attn_implementation", ("sdpa", "eager"))):
+                              ("attn_implementation", ATTENTION)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
@@ -90,6 +94,21 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: Union[str, list[str]] = "all-linear"
     modules_to_save: Optional[list[str]] = None
+
+
+ATTENTION = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
+
+
+def resolve_attention(name: str) -> str:
+    """``auto`` → flash_attention_2 (CUDA + flash_attn) > flex_attention (CUDA + Triton) > sdpa."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        if importlib.util.find_spec("triton") is not None:
+            return "flex_attention"
+    return "sdpa"
 
 
 def cache_dir() -> Path:
@@ -302,7 +321,7 @@ def load_base(cfg: ModelConfig, *, training: bool):
     kwargs = dict(
         revision=cfg.revision,
         dtype=dtype,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=resolve_attention(cfg.attn_implementation),
         trust_remote_code=cfg.trust_remote_code,
     )
     if cfg.load_in_4bit:

@@ -18,12 +18,11 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from medadapt.checkpoints import checked_local, checked_lora, checkpoint_record, record_of
 from medadapt.model import (TRAINED_ON, LoraConfig, ModelConfig, load_model, load_tokenizer, read_adapter_metadata,
                             resolve_model_config, write_adapter_metadata)
-from medadapt.data.packing import IGNORE_INDEX, block_causal_mask
+from medadapt.loss import chunked_cross_entropy
 from medadapt.optim import OptimConfig, resolve_warmup, use_fused, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -114,21 +113,20 @@ class CausalLMModule(L.LightningModule):
         return self.hparams.init_adapter
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        dtype = self.model.get_input_embeddings().weight.dtype
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            dtype = torch.float32
-        mask = block_causal_mask(batch["segment_ids"], dtype)
-        out = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
-                         use_cache=False)
-        return out.logits
+        """Decoder hidden states of a packed batch. Packing is described by restarted ``position_ids`` alone:
+        with no attention mask given (and no cache), transformers builds the block-diagonal causal mask from
+        them for sdpa, eager and flex attention, and flash-attention-2 runs varlen on them; a packed example
+        gets the logits it gets alone (tests/data/test_packing.py). No (B, 1, L, L) mask is built or moved."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        out = base.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        return out.last_hidden_state
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token cross-entropy over supervised tokens, and their count (both on device)."""
-        logits = self(batch)[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, (targets != IGNORE_INDEX).sum()
+        """Summed next-token cross-entropy over supervised tokens, and their count (both on device). The LM head
+        runs only on supervised positions, in chunks (``loss.py``): no full-vocabulary logits."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        loss = chunked_cross_entropy(self(batch), base.get_output_embeddings(), batch["target_index"], batch["targets"])
+        return loss, torch.tensor(batch["targets"].shape[0], device=loss.device)
 
     # ---- training --------------------------------------------------------------------------------
     #: per optimizer step, summed over micro-batches and ranks (kept on device until the step)

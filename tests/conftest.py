@@ -150,3 +150,19 @@ def run_test_stage(model_path, tmp_path, **data_kw):
     data = BenchmarkDataModule(local_dir=str(DATA / "benchmarks"), **data_kw)
     tiny_trainer(tmp_path).test(module, connect(data, module))
     return module, data
+
+
+def random_examples(n: int, seed: int = 0, vocab: int = 1000):
+    """``n`` token examples of 5 to 40 random ids, each with a prompt part the loss ignores."""
+    import random
+
+    from medadapt.data.packing import IGNORE_INDEX
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(5, 40)
+        ids = [rng.randrange(10, vocab) for _ in range(length)]
+        prompt = rng.randint(1, length - 2)
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return out

@@ -16,6 +16,7 @@ LAYERS = {
     "medadapt.console": 0,
     "medadapt.model": 0,
     "medadapt.optim": 0,
+    "medadapt.loss": 0,
     "medadapt.weights": 1,
     "medadapt.checkpoints": 1,
     "medadapt.merge": 1,

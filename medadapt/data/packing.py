@@ -1,11 +1,17 @@
-"""Examples → packed rows → batches with restarted positions and a block-diagonal causal mask.
+"""Examples → packed rows → batches described by restarted positions.
 
 The one packing routine of the project: SFT (prompt tokens masked) and continual pretraining (every
-token supervised) both hand it tokenized examples. Restarting ``position_ids`` alone does not stop
-attention from crossing examples in transformers' SDPA/eager paths, so each batch also carries
-``segment_ids`` (0 = padding, 1..k = the k-th example of the row) from which the module builds an
-explicit (batch, 1, L, L) mask. With that, a packed example gets exactly the logits and loss it gets
-alone (tests/data/test_packing.py proves it on Qwen2 and Llama).
+token supervised) both hand it tokenized examples. A packed row is described by ``position_ids`` that
+restart at each example: transformers (5.24, no cache, no mask passed) builds the block-diagonal causal
+mask from them for sdpa, eager and flex attention, and flash-attention-2 derives its varlen sequence
+lengths from them, so a packed example gets exactly the logits and loss it gets alone
+(tests/data/test_packing.py, Qwen2 and Llama). An early probe had seen restarted positions fail to
+isolate examples; that was a path with a 2D mask passed, which turns the detection off.
+
+Each batch also carries ``segment_ids`` (0 = padding, 1..k = the k-th example of a row: padding and
+example counts for the logs; ``block_causal_mask`` builds the explicit mask from them for code that needs
+one) and the flat indices of the supervised positions with their targets (``loss.supervised_targets``,
+computed here on the CPU so the loss picks them without a host sync).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import bisect
 from typing import Sequence, TypedDict
 
 import torch
+
+from medadapt.loss import supervised_targets
 
 IGNORE_INDEX = -100
 
@@ -72,11 +80,15 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple_of: 
             position_ids[b, start:end] = torch.arange(n)
             segment_ids[b, start:end] = k
             start = end
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids}
+    target_index, targets = supervised_targets(labels, IGNORE_INDEX)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids,
+            "target_index": target_index, "targets": targets}
 
 
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (batch, 1, L, L) mask: a token sees earlier tokens of its own example only.
+    """Additive (batch, 1, L, L) mask: a token sees earlier tokens of its own example only. The training step
+    does not need it (positions suffice); it is the explicit reference the packing tests compare against,
+    and the "block mask" arm of benchmarks/gpu_qlora.py.
 
     The additive float form (0 / dtype-min) is used because it is right under both SDPA and eager
     attention; a boolean 4D mask was wrong under eager. Padding (segment 0) attends to padding, so no
