@@ -2,8 +2,10 @@
 
 The study is the project's question in one command, printing one line per step (each step's own output
 goes to ``<work_dir>/logs/``) and the comparison table at the end. It strings together the commands a user
-would type, each on its own config: ``index`` (RAG corpus), ``multistep`` (SFT alone; CPT then SFT),
-``test`` once per method on the same seeded benchmark items, then ``compare`` (table with 95% CIs,
+would type, each on its own config: ``index`` (RAG corpus), ``multistep`` (SFT alone; CPT then SFT; it
+returns each chain's adapter folder), ``test`` once per method on the same seeded benchmark items (the eval
+config with a method's own layer on top: ``<work_dir>/configs/test-<method>.yaml``, written from typed
+configs), then ``compare`` (table with 95% CIs,
 paired McNemar tests against the baseline, chart). Every step reuses what a previous run built: the
 index skips embedded documents, finished training stages are skipped (unfinished ones resume), and a
 method whose ``results.json`` exists is not re-evaluated. Swapping the demo configs for the full-size
@@ -16,6 +18,8 @@ import json
 import logging
 from pathlib import Path
 from typing import Optional
+
+import yaml
 
 log = logging.getLogger(__name__)
 METHODS = ["base", "rag", "sft", "cpt_sft", "sft_rag"]
@@ -82,22 +86,21 @@ def train(chain: str, stages: list, work: Path) -> str:
     return done[-1]["adapter"]
 
 
-def method_args(method: str, adapters: dict[str, str], rag: dict, in_4bit: bool) -> list[str]:
-    """Test-stage overrides of one method. An adapter brings its own base: the CPT→SFT adapter's metadata
-    stacks the CPT adapter under it, on the base both were trained on."""
-    args = ["--model.lora", "null", "--model.model.load_in_4bit", str(in_4bit).lower()]
-    if method in ("sft", "sft_rag"):
-        args += ["--model.init_adapter", adapters["sft"]]
-    if method == "cpt_sft":
-        args += ["--model.init_adapter", adapters["cpt_sft"]]
+def method_config(method: str, adapters: dict[str, str], rag, in_4bit: bool, results: Path) -> dict:
+    """What one method changes in the eval config, as a config layered over it (``test --config EVAL --config
+    THIS``). An adapter brings its own base: the CPT→SFT adapter's metadata stacks the CPT adapter under it,
+    on the base both were trained on. ``rag`` is the ``RagArmConfig`` (its index is index_config's)."""
+    from dataclasses import asdict
+
+    model = {"lora": None, "model": {"load_in_4bit": in_4bit}, "results_dir": str(results),
+             "init_adapter": adapters.get({"sft": "sft", "sft_rag": "sft", "cpt_sft": "cpt_sft"}.get(method, ""))}
+    cfg = {"model": model}
     if method in ("rag", "sft_rag"):
-        args += ["--data.init_args.rag", json.dumps(rag)]
-    return args
+        cfg["data"] = {"init_args": {"rag": asdict(rag)}}
+    return cfg
 
 
 def run_study(a) -> Path:
-    from dataclasses import asdict
-
     from medadapt.commands.multistep import Stage, launch
     from medadapt.commands.rag import build_parser as rag_parser
     from medadapt.commands.rag import index_main
@@ -115,7 +118,7 @@ def run_study(a) -> Path:
         index_args = ["--config", a.index_config, *hub["index"]]
         parser = rag_parser("index")
         index = parser.instantiate_classes(parser.parse_args(index_args)).index
-        rag = asdict(RagArmConfig(index=index, retrieval=a.retrieval, max_context_tokens=a.max_context_tokens))
+        rag = RagArmConfig(index=index, retrieval=a.retrieval, max_context_tokens=a.max_context_tokens)
         step("index", lambda: index_main(index_args))  # in-process: indexing never launches DDP workers
     adapters = {}
     if {"sft", "sft_rag"} & set(a.methods):
@@ -126,12 +129,16 @@ def run_study(a) -> Path:
     runs = []
     for method in a.methods:
         results = work / "results" / method
-        args = ["test", "--config", a.eval_config, *a.eval_args, *hub["test"], "--model.results_dir", str(results),
-                *method_args(method, adapters, rag, a.eval_in_4bit)]
+        layer = method_config(method, adapters, rag, a.eval_in_4bit, results)
+        layer_path = work / "configs" / f"test-{method}.yaml"
+        args = ["test", "--config", a.eval_config, "--config", str(layer_path), *a.eval_args, *hub["test"]]
         done = results / "study_command.json"  # reuse a result only if the same command produced it
-        if not (results / "results.json").exists() or not done.exists() or json.loads(done.read_text()) != args:
+        command = {"args": args, "config": layer}
+        if not (results / "results.json").exists() or not done.exists() or json.loads(done.read_text()) != command:
+            layer_path.parent.mkdir(parents=True, exist_ok=True)
+            layer_path.write_text(yaml.safe_dump(layer, sort_keys=False))
             step(f"evaluate {method}", lambda: launch(args, work / "logs" / f"test-{method}.log"))
-            done.write_text(json.dumps(args))
+            done.write_text(json.dumps(command))
         else:
             print(f"study: evaluate {method}: reused {results / 'results.json'}", flush=True)
         runs.append(f"{method}={results}")
