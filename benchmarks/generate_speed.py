@@ -34,8 +34,12 @@ def hf_arm(cfg, adapter, tokenizer, rows, g):
     start = time.perf_counter()
     replies = generate(model, tokenizer, batch)
     seconds = time.perf_counter() - start
-    ids = [tokenizer.encode(r[0].text, add_special_tokens=False) for r in replies]
-    return replies, sum(len(x) for x in ids), seconds
+    return replies, text_tokens(tokenizer, replies), seconds
+
+
+def text_tokens(tokenizer, replies) -> int:
+    """Generated tokens, counted the same way for both arms: the replies' text re-encoded (EOS not counted)."""
+    return sum(len(tokenizer.encode(r[0].text, add_special_tokens=False)) for r in replies)
 
 
 def main() -> None:
@@ -78,9 +82,10 @@ def main() -> None:
         same_text = sum(a[0].text == b[0].text for a, b in zip(hf, vl))
         same_answer = sum(extract_answer(a[0].text, it) == extract_answer(b[0].text, it)
                           for a, b, it in zip(hf, vl, items))
-        hf_rate, vl_rate = hf_tokens / hf_seconds, response["generated_tokens"] / response["seconds"]
+        vl_tokens = text_tokens(tokenizer, vl)
+        hf_rate, vl_rate = hf_tokens / hf_seconds, vl_tokens / response["seconds"]
         print(f"{name:<9} HF generate {hf_rate:7.1f} tok/s ({hf_tokens} tokens in {hf_seconds:.1f}s)   "
-              f"vLLM {vl_rate:7.1f} tok/s ({response['generated_tokens']} tokens in {response['seconds']:.1f}s; "
+              f"vLLM {vl_rate:7.1f} tok/s ({vl_tokens} tokens in {response['seconds']:.1f}s; "
               f"engine start + exit {total - response['seconds']:.0f}s)")
         print(f"{'':<9} ratio vLLM/HF {vl_rate / hf_rate:.2f}x   identical outputs {same_text}/{len(rows)}   "
               f"identical answers {same_answer}/{len(rows)}")

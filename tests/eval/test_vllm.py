@@ -110,3 +110,40 @@ def test_4bit_and_stacked_weights_are_served_merged(tiny_qwen, tmp_path, monkeyp
     assert (served - evaluated).abs().max() < 1e-4
     plain = ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, base_adapters=[])
     assert served_weights(plain, None, "float32") == (tiny_qwen, None)
+
+
+def test_a_fit_checkpoint_is_served_as_the_weights_it_holds(trained, tmp_path, monkeypatch):
+    """``test --ckpt_path last.ckpt`` with the vllm backend hands the engine the checkpoint's LoRA (as an adapter,
+    merged into the nf4 base here) and nothing else. The engine is replaced by HF generate on exactly what it
+    was handed, so the answers must be the HF backend's from the same checkpoint; the vLLM engine itself is
+    exercised by the two tests above (SmolLM2: the tiny model's head_dim is below vLLM's CPU minimum)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from medadapt.eval import vllm_backend
+    from medadapt.eval.generative import collate_generate, generate
+
+    from ..conftest import evaluate
+
+    served = []
+
+    def hf_engine(tokenizer, rows, g, model_dir, lora, dtype):
+        served.append((model_dir, lora))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if lora is not None:
+            model = PeftModel.from_pretrained(model, lora["path"])
+        return generate(model.eval(), tokenizer, collate_generate([[r] for r in rows], tokenizer.pad_token_id, g))
+
+    def generations(name: str, *args: str, backend: str = "hf") -> list[str]:
+        gen = {"temperature": 0.0, "max_new_tokens": 12, "answer_budget": 4, "backend": backend}
+        evaluate(trained, tmp_path / name, "--model.model.load_in_4bit", "true", "--data.mode", "generate",
+                 "--data.generation", json.dumps(gen), *args)
+        return [json.loads(line)["replies"][0]["generation"] for line in open(tmp_path / name / "predictions.jsonl")]
+
+    monkeypatch.setattr(vllm_backend, "generate", hf_engine)
+    monkeypatch.setenv("MEDADAPT_CACHE", str(tmp_path / "cache"))
+    ckpt = ["--ckpt_path", str(trained["ckpt"])]
+    hf, vllm = generations("hf", *ckpt), generations("vllm", *ckpt, backend="vllm")
+    assert len(served) == 1 and served[0][0].startswith(str(tmp_path / "cache")) and served[0][1] is None
+    assert vllm == hf and len(hf) == 2
+    assert generations("base") != hf  # what was served holds the checkpoint's LoRA, not the bare base
