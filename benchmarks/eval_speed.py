@@ -47,7 +47,7 @@ def run_medadapt(model_name: str, tasks: list[str], limit: int, batch_size: int,
     data.connect(module.tokenizer)
     trainer.test(module, data, verbose=False)
     elapsed = time.perf_counter() - start
-    preds = {(r["task"], r["id"]): r["pred"] for r in module._test_records}
+    preds = {(r["task"], r["id"]): r["pred"] for r in module.harness.records}
     return data.items, preds, elapsed, module.model
 
 

@@ -85,7 +85,8 @@ def main() -> None:
     name = args.model or tiny_model_dir()
     cfg = ModelConfig(name_or_path=name, load_in_4bit=args.load_in_4bit, compute_dtype="float32")
     data = ReasoningSFTDataModule(data_files=args.data, tokenizer=name, max_rows=None, val_fraction=0.0,
-                                  max_length=args.max_length, target_template="<think>\n{cot}\n</think>\n\n{response}")
+                                  max_length=args.max_length, target_template="<think>\n{cot}\n</think>\n\n{response}",
+                                  truncate=True)  # every row in both arms (the default drops over-length rows)
     examples, _ = data.build_examples("fit")
     pad_id = data.get_tokenizer().pad_token_id
     results = {}

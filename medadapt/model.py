@@ -354,6 +354,12 @@ def load_base(cfg: ModelConfig, *, training: bool):
     return model
 
 
+def unwrapped(model):
+    """The transformers model inside a PEFT wrapper (its LoRA layers stay in place and active), so that its decoder
+    and output head can be called apart: the loss and the scorer run the head on the positions they need only."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def add_adapter(model, adapter_dir: str, name: str, *, trainable: bool):
     """Load a saved PEFT adapter into ``model`` under ``name``; every tensor of the file must find its layer
     and every layer its tensor (peft only warns, and a half-applied adapter scores like a broken model)."""

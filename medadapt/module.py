@@ -21,7 +21,7 @@ import torch
 
 from medadapt.checkpoints import checked_local, checked_lora, checkpoint_record, record_of
 from medadapt.model import (TRAINED_ON, LoraConfig, ModelConfig, load_model, load_tokenizer, read_adapter_metadata,
-                            resolve_model_config, write_adapter_metadata)
+                            resolve_model_config, unwrapped, write_adapter_metadata)
 from medadapt.loss import chunked_cross_entropy
 from medadapt.optim import OptimConfig, resolve_warmup, use_fused, warmup_cosine
 
@@ -117,15 +117,15 @@ class CausalLMModule(L.LightningModule):
         with no attention mask given (and no cache), transformers builds the block-diagonal causal mask from
         them for sdpa, eager and flex attention, and flash-attention-2 runs varlen on them; a packed example
         gets the logits it gets alone (tests/data/test_packing.py). No (B, 1, L, L) mask is built or moved."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        out = base.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        decoder = unwrapped(self.model).get_decoder()
+        out = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
         return out.last_hidden_state
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over supervised tokens, and their count (both on device). The LM head
         runs only on supervised positions, in chunks (``loss.py``): no full-vocabulary logits."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        loss = chunked_cross_entropy(self(batch), base.get_output_embeddings(), batch["target_index"], batch["targets"])
+        head = unwrapped(self.model).get_output_embeddings()
+        loss = chunked_cross_entropy(self(batch), head, batch["target_index"], batch["targets"])
         return loss, torch.tensor(batch["targets"].shape[0], device=loss.device)
 
     # ---- training --------------------------------------------------------------------------------
@@ -261,8 +261,7 @@ class CausalLMModule(L.LightningModule):
                 adapter = tmp
                 self.model.save_pretrained(adapter, safe_serialization=True, selected_adapters=["default"])
                 write_adapter_metadata(adapter, self.resolved_model_cfg, self.lora_used)
-            dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
-                resolve_dtype(self.resolved_model_cfg.compute_dtype)]
+            dtype = str(resolve_dtype(self.resolved_model_cfg.compute_dtype)).removeprefix("torch.")
             model_dir, lora = vllm_backend.served_weights(self.resolved_model_cfg, adapter, dtype)
             self.model = None  # free the HF copy (and its GPU memory) before vLLM takes the device
             gc.collect()

@@ -2,7 +2,7 @@
 
 Each stage is an ordinary ``fit`` config. For every stage the runner writes the config it actually runs
 (``<work_dir>/<stage>/config.yaml``: its own checkpoints, TensorBoard run and adapter folder, and, for a
-stage that starts from the previous one, the previous stage's merged weights as its base model) and
+stage that starts from the previous one, the previous stages' adapters stacked under its own) and
 runs ``python -m medadapt fit`` on it in a subprocess, so DDP and cluster launchers work per stage as
 they do alone.
 
@@ -40,7 +40,7 @@ class Stage:
         name: Stage name: its folder under ``work_dir``; its TensorBoard run is ``<work_dir name>-<name>``.
         config: A ``fit`` config (e.g. configs/cpt.yaml).
         args: Extra command-line overrides for this stage (e.g. ["--trainer.max_steps", "100"]).
-        from_previous: Start from the previous stage's result (its adapter merged into its base).
+        from_previous: Start from the previous stage's result: its adapters, frozen, under this stage's LoRA.
     """
 
     name: str

@@ -46,8 +46,9 @@ def build_parser(command: str):
 def index_main(argv: list[str]) -> None:
     from medadapt.rag.pipelines import build_index, retrieval_pipeline, save_pipeline
 
-    cfg = build_parser("index").parse_args(argv)
-    init = build_parser("index").instantiate_classes(cfg)
+    parser = build_parser("index")
+    cfg = parser.parse_args(argv)
+    init = parser.instantiate_classes(cfg)
     stats = build_index(init.corpus, init.index, rebuild=cfg.rebuild)
     print(f"index {init.index.dir}: {stats['embedded']} documents embedded, {stats['already_indexed']} already "
           f"there" + (f", {stats['docs_per_s']:.1f} docs/s" if stats["docs_per_s"] else ""))

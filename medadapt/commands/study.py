@@ -5,11 +5,11 @@ goes to ``<work_dir>/logs/``) and the comparison table at the end. It strings to
 would type, each on its own config: ``index`` (RAG corpus), ``multistep`` (SFT alone; CPT then SFT; it
 returns each chain's adapter folder), ``test`` once per method on the same seeded benchmark items (the eval
 config with a method's own layer on top: ``<work_dir>/configs/test-<method>.yaml``, written from typed
-configs), then ``compare`` (table with 95% CIs,
-paired McNemar tests against the baseline, chart). Every step reuses what a previous run built: the
-index skips embedded documents, finished training stages are skipped (unfinished ones resume), and a
-method whose ``results.json`` exists is not re-evaluated. Swapping the demo configs for the full-size
-ones (configs/study.yaml) is the whole difference between the laptop demo and the GPU study.
+configs), then ``compare`` (table with 95% CIs, paired McNemar tests against the baseline, chart). Every
+step reuses what a previous run built: the index skips embedded documents, finished training stages are
+skipped (unfinished ones resume), and a method whose ``results.json`` the same test command produced is
+not re-evaluated. Swapping the demo configs for the full-size ones (configs/study.yaml) is the whole
+difference between the laptop demo and the GPU study.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from medadapt.eval.tasks import OPTION_LETTERS, TASKS, Item, MalformedItemError
+from medadapt.eval.tasks import OPTION_LETTERS, TASKS, Item, MalformedItemError, medqa_prompt
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ class CustomTask:
 
 
 def custom_prompt(description: Optional[str], question: str, options: list[str]) -> str:
+    """MedQA's prompt, under the task's description line when it has one."""
     head = f"{description.strip()}\n\n" if description else ""
-    lines = "".join(f"{k}. {v}\n" for k, v in zip(OPTION_LETTERS, options))
-    return f"{head}Question: {question.strip()}\n{lines}Answer:"
+    return head + medqa_prompt(question.strip(), options)
 
 
 def _options(task: CustomTask, row: dict[str, Any], where: str) -> list:

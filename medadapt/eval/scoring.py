@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from medadapt.eval.tasks import Item
+from medadapt.model import unwrapped
 
 
 @dataclass
@@ -99,7 +100,7 @@ def forward_rows(model, batch: dict) -> torch.Tensor:
     The output head runs on those positions only: the full (rows × length × 152k-vocab) logits tensor
     of a plain forward is the largest allocation of the test stage and almost all of it is unused.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA layers stay active
+    base = unwrapped(model)  # PEFT: LoRA layers stay active
     hidden = base.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
     keep = batch["keep"]
     ends = batch["ends"].to(hidden.device)

@@ -50,13 +50,17 @@ class Item:
 
 
 # ---- prompts (lm-eval 0.4 task definitions) -------------------------------------------------------
+def option_lines(options: list[str]) -> str:
+    """``A. …\nB. …\n``: one line per option, as every lm-eval multiple-choice template lists them."""
+    return "".join(f"{k}. {v}\n" for k, v in zip(OPTION_LETTERS, options))
+
+
 def medqa_prompt(question: str, options: list[str]) -> str:
-    answers = "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, options))
-    return f"Question: {question}\n{answers}Answer:"
+    return f"Question: {question}\n{option_lines(options)}Answer:"
 
 
 def medmcqa_prompt(question: str, options: list[str]) -> str:
-    return "Question: " + question + "\nChoices:\n" + "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, options)) + "Answer:"
+    return "Question: " + question + "\nChoices:\n" + option_lines(options) + "Answer:"
 
 
 def pubmedqa_prompt(question: str, contexts: list[str]) -> str:
@@ -65,8 +69,7 @@ def pubmedqa_prompt(question: str, contexts: list[str]) -> str:
 
 def mmlu_prompt(subject: str, question: str, options: list[str]) -> str:
     description = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-    body = question.strip() + "\n" + "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, options)) + "Answer:"
-    return description + body
+    return description + question.strip() + "\n" + option_lines(options) + "Answer:"
 
 
 # ---- loaders: hub and local, one normalizer each --------------------------------------------------

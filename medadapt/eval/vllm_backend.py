@@ -7,7 +7,7 @@ stay here, so both backends are judged by the same code.
 
 Which weights: exactly those the HF backend would evaluate. An unquantized base with one adapter is served
 as base + ``LoRARequest``; anything built on a 4-bit base, or with stacked base adapters (CPT→SFT), is
-served as one merged folder (the adapters merged into the dequantized nf4 weights, ``export.py``), because
+served as one merged folder (the adapters merged into the dequantized nf4 weights, ``merge.py``), because
 vLLM applies one LoRA to full-precision weights. Merged folders are cached by what they were made from.
 Multi-GPU generation is vLLM's own (``tensor_parallel_size``, ``vllm_engine_args: {data_parallel_size: N}``),
 not Lightning DDP: this backend runs on one process.

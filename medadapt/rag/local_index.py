@@ -2,7 +2,8 @@
 
 Why not Haystack's ``InMemoryDocumentStore``: at MedRAG/textbooks size (125,800 snippets) its BM25 and
 embedding retrievers took 3.5–4.5 s per query and its JSON persistence 1.2 GB / 89 s to load (measured
-2026-11-26 on the 2-core CPU with haystack-ai 3.4; benchmarks/rag_latency.py measures this store). ``faiss-haystack`` pins numpy<2, which the rest of the stack has left. So the
+2026-11-26 on the 2-core CPU with haystack-ai 3.4; benchmarks/rag_latency.py measures this store).
+``faiss-haystack`` pins numpy<2, which the rest of the stack has left. So the
 store is built from the libraries made for each half: FAISS (``SQfp16``: half the memory of a flat
 index, recall@32 0.999 against it) and bm25s (sparse-matrix BM25, ~2 ms per query), with Haystack
 components around them (``rag/retrievers.py``).

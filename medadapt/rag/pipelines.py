@@ -19,10 +19,10 @@ from medadapt.rag.stores import open_store
 
 log = logging.getLogger(__name__)
 
+
 def indexing_pipeline(cfg: IndexConfig, store=None, corpus_documents=None):
     """Embedder → the store's writer (and, for Qdrant, the sparse embedder between them)."""
     from haystack import Pipeline
-
 
     store = store or open_store(cfg)
     p = Pipeline()
@@ -38,7 +38,6 @@ def indexing_pipeline(cfg: IndexConfig, store=None, corpus_documents=None):
 def retrieval_pipeline(cfg: IndexConfig, retrieval: RetrievalConfig, store=None):
     """Query embedder → the store's hybrid retrieval (BM25 + dense, fused by RRF); output ``documents``."""
     from haystack import Pipeline
-
 
     p = Pipeline()
     p.add_component("query_embedder", text_embedder(cfg))

@@ -72,8 +72,8 @@ class LocalStore:
     def recorded_embedder(self) -> Optional[str]:
         return self.index.manifest().get("embedder")
 
-    def add_retrievers(self, pipeline, retrieval) -> tuple[str, str]:
-        """Add BM25 + dense + RRF; returns (the component taking the query text, the output component)."""
+    def add_retrievers(self, pipeline, retrieval) -> None:
+        """Add BM25 + dense + RRF after the pipeline's ``query_embedder``."""
         from haystack.components.joiners import DocumentJoiner
 
         from medadapt.rag.retrievers import BM25sRetriever, FaissEmbeddingRetriever
@@ -84,7 +84,6 @@ class LocalStore:
         pipeline.connect("query_embedder.embedding", "dense.query_embedding")
         pipeline.connect("bm25.documents", "joiner.documents")
         pipeline.connect("dense.documents", "joiner.documents")
-        return "bm25", "joiner"
 
     def query_inputs(self, question: str) -> dict:
         return {"bm25": {"query": question}}
@@ -164,7 +163,8 @@ class QdrantStore:
     def recorded_embedder(self) -> Optional[str]:
         return None
 
-    def add_retrievers(self, pipeline, retrieval) -> tuple[str, str]:
+    def add_retrievers(self, pipeline, retrieval) -> None:
+        """Add the sparse query embedder and Qdrant's hybrid retriever (fused server-side)."""
         from haystack_integrations.components.retrievers.qdrant import QdrantHybridRetriever
 
         from medadapt.rag.sparse import BM25SparseQueryEmbedder
@@ -173,7 +173,6 @@ class QdrantStore:
         pipeline.add_component("hybrid", QdrantHybridRetriever(self.documents, top_k=retrieval.top_k))
         pipeline.connect("query_embedder.embedding", "hybrid.query_embedding")
         pipeline.connect("sparse.sparse_embedding", "hybrid.query_sparse_embedding")
-        return "sparse", "hybrid"
 
     def query_inputs(self, question: str) -> dict:
         return {"sparse": {"text": question}}
