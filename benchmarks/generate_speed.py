@@ -1,22 +1,29 @@
 """Generated tokens/s of vLLM vs batched HF ``generate`` on the same prompts and model, with and without LoRA.
 
     python benchmarks/generate_speed.py                       # SmolLM2-135M, 16 MedQA prompts, 128 new tokens
-    python benchmarks/generate_speed.py --prompts 32 --max-new-tokens 256 --dtype bfloat16
+    python benchmarks/generate_speed.py --arms base --repeats 3 --split --max-new-tokens 512
+    python benchmarks/generate_speed.py --prompts 32 --dtype bfloat16
 
 Both arms decode greedily from the same token ids (the test stage's chat prompts) and stop at EOS. HF:
 one left-padded batch through ``model.generate`` (``eval/generative.py``). vLLM: the worker the ``vllm``
 backend runs (``eval/vllm_backend.py``), timed around ``LLM.generate`` only, not the engine start (which
 it prints separately). With ``--lora`` both arms serve the same adapter (PEFT on the HF side, a
 ``LoRARequest`` on vLLM's). Printed: tokens/s of each, their ratio, identical outputs (token for token),
-and identical extracted answers.
+and identical extracted answers; with ``--repeats`` the median ratio and its range (each repeat is a fresh
+HF call and a fresh vLLM engine, HF first). Both arms first generate a few tokens for other prompts, untimed, so each engine's lazy
+start-up work is left out as the engine start is (``--cold`` times the first calls instead). ``--split`` also times each arm on one new token (the prompt's
+forward pass alone), and prints the remaining time per decoding step, which says where a ratio comes from:
+vLLM skips left padding in the prompt pass and finished rows while decoding.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 from sft_packing import SHARED
@@ -28,8 +35,8 @@ from medadapt.model import LoraConfig, ModelConfig, load_model, load_tokenizer
 from medadapt.weights import write_scaled_adapter
 
 
-def hf_arm(cfg, adapter, tokenizer, rows, g):
-    model = load_model(cfg, adapter=adapter, training=False).eval()
+def hf_arm(model, tokenizer, rows, g):
+    """(replies, generated tokens, seconds) of one batched HF generate call."""
     batch = collate_generate([[r] for r in rows], tokenizer.pad_token_id, g)
     start = time.perf_counter()
     replies = generate(model, tokenizer, batch)
@@ -37,9 +44,31 @@ def hf_arm(cfg, adapter, tokenizer, rows, g):
     return replies, text_tokens(tokenizer, replies), seconds
 
 
+def vllm_arm(cfg, adapter, tokenizer, rows, g, dtype, python, warmup=None):
+    """(replies, generated tokens, seconds of LLM.generate, seconds of engine start + exit) of one worker run;
+    ``warmup`` (other rows) runs first in the same engine, untimed."""
+    model_dir, lora = served_weights(cfg, adapter, dtype)
+    request = build_request(tokenizer, rows, g, model_dir, lora, dtype)
+    if warmup:
+        request["warmup"] = {"prompts": [r.input_ids for r in warmup], "max_tokens": WARMUP_TOKENS}
+    started = time.perf_counter()
+    response = run_worker(request, python)
+    total = time.perf_counter() - started
+    replies = replies_of(tokenizer, response, request["force"]["cue"])
+    return replies, text_tokens(tokenizer, replies), response["seconds"], total - response["seconds"]
+
+
+WARMUP_TOKENS = 8
+
+
 def text_tokens(tokenizer, replies) -> int:
     """Generated tokens, counted the same way for both arms: the replies' text re-encoded (EOS not counted)."""
     return sum(len(tokenizer.encode(r[0].text, add_special_tokens=False)) for r in replies)
+
+
+def steps(tokenizer, replies) -> int:
+    """Decoding steps after the first token: the longest reply sets how long the batch runs."""
+    return max(len(tokenizer.encode(r[0].text, add_special_tokens=False)) for r in replies) - 1
 
 
 def main() -> None:
@@ -51,6 +80,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--eager", action="store_true", help="vLLM enforce_eager (fast start, slower decoding)")
+    ap.add_argument("--arms", default="base,lora", help="comma-separated: base, lora")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per arm; the median ratio and its range are printed")
+    ap.add_argument("--split", action="store_true", help="also time the prompt pass alone (1 new token) per arm")
+    ap.add_argument("--cold", action="store_true",
+                    help="no warm-up: time each engine's first call (by default both arms first generate "
+                         f"{WARMUP_TOKENS} tokens for as many other prompts, untimed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # the same cores for both arms: vLLM's CPU default binds one thread per physical core and reserves one
@@ -65,30 +100,48 @@ def main() -> None:
                          enforce_eager=args.eager)
     items = load_task("medqa_4options", args.data)[: args.prompts]
     rows = [gen_row(tokenizer, it, g) for it in items]
+    warm = None if args.cold else [gen_row(tokenizer, it, g) for it in
+                                   load_task("medqa_4options", args.data)[args.prompts : 2 * args.prompts]]
     adapter_dir = tempfile.mkdtemp()
     write_scaled_adapter(cfg, adapter_dir, rho=0.05, lora=LoraConfig(r=16, alpha=32, dropout=0.0))
     python = vllm_python()
-    print(f"model {args.model} ({args.dtype}), {len(rows)} MedQA prompts, ≤{args.max_new_tokens} new tokens, "
-          f"greedy, {args.threads} threads each (vLLM cores {os.environ['VLLM_CPU_OMP_THREADS_BIND']}); vLLM "
-          f"({'eager' if args.eager else 'compiled'}): {python}")
-    for name, adapter in (("base", None), ("LoRA r16", adapter_dir)):
-        hf, hf_tokens, hf_seconds = hf_arm(cfg, adapter, tokenizer, rows, g)
-        model_dir, lora = served_weights(cfg, adapter, args.dtype)
-        request = build_request(tokenizer, rows, g, model_dir, lora, args.dtype)
-        started = time.perf_counter()
-        response = run_worker(request, python)
-        total = time.perf_counter() - started
-        vl = replies_of(tokenizer, response, request["force"]["cue"])
-        same_text = sum(a[0].text == b[0].text for a, b in zip(hf, vl))
-        same_answer = sum(extract_answer(a[0].text, it) == extract_answer(b[0].text, it)
-                          for a, b, it in zip(hf, vl, items))
-        vl_tokens = text_tokens(tokenizer, vl)
-        hf_rate, vl_rate = hf_tokens / hf_seconds, vl_tokens / response["seconds"]
-        print(f"{name:<9} HF generate {hf_rate:7.1f} tok/s ({hf_tokens} tokens in {hf_seconds:.1f}s)   "
-              f"vLLM {vl_rate:7.1f} tok/s ({vl_tokens} tokens in {response['seconds']:.1f}s; "
-              f"engine start + exit {total - response['seconds']:.0f}s)")
-        print(f"{'':<9} ratio vLLM/HF {vl_rate / hf_rate:.2f}x   identical outputs {same_text}/{len(rows)}   "
-              f"identical answers {same_answer}/{len(rows)}")
+    print(f"model {args.model} ({args.dtype}), {len(rows)} MedQA prompts ({sum(len(r.input_ids) for r in rows)} "
+          f"tokens, longest {max(len(r.input_ids) for r in rows)}), ≤{args.max_new_tokens} new tokens, greedy, "
+          f"{args.threads} threads each (vLLM cores {os.environ['VLLM_CPU_OMP_THREADS_BIND']}); vLLM "
+          f"({'eager' if args.eager else 'compiled'}): {python}; "
+          f"{'cold (first calls timed)' if args.cold else 'after an untimed warm-up on other prompts'}")
+    arms = {"base": ("base", None), "lora": ("LoRA r16", adapter_dir)}
+    for key in args.arms.split(","):
+        name, adapter = arms[key.strip()]
+        model = load_model(cfg, adapter=adapter, training=False).eval()
+        if warm:
+            hf_arm(model, tokenizer, warm, replace(g, max_new_tokens=WARMUP_TOKENS))
+        ratios = []
+        for repeat in range(args.repeats):
+            hf, hf_tokens, hf_seconds = hf_arm(model, tokenizer, rows, g)
+            vl, vl_tokens, vl_seconds, overhead = vllm_arm(cfg, adapter, tokenizer, rows, g, args.dtype, python, warm)
+            same_text = sum(a[0].text == b[0].text for a, b in zip(hf, vl))
+            same_answer = sum(extract_answer(a[0].text, it) == extract_answer(b[0].text, it)
+                              for a, b, it in zip(hf, vl, items))
+            hf_rate, vl_rate = hf_tokens / hf_seconds, vl_tokens / vl_seconds
+            ratios.append(vl_rate / hf_rate)
+            print(f"{name:<9} HF generate {hf_rate:7.1f} tok/s ({hf_tokens} tokens in {hf_seconds:.1f}s)   "
+                  f"vLLM {vl_rate:7.1f} tok/s ({vl_tokens} tokens in {vl_seconds:.1f}s; "
+                  f"engine start + exit {overhead:.0f}s)", flush=True)
+            print(f"{'':<9} ratio vLLM/HF {ratios[-1]:.2f}x   identical outputs {same_text}/{len(rows)}   "
+                  f"identical answers {same_answer}/{len(rows)}", flush=True)
+            if args.split:
+                one = replace(g, max_new_tokens=1)
+                hf_first = hf_arm(model, tokenizer, rows, one)[2]
+                vl_first = vllm_arm(cfg, adapter, tokenizer, rows, one, args.dtype, python, warm)[2]
+                hf_step = (hf_seconds - hf_first) / steps(tokenizer, hf) * 1000
+                vl_step = (vl_seconds - vl_first) / steps(tokenizer, vl) * 1000
+                print(f"{'':<9} prompt pass HF {hf_first:.1f}s vLLM {vl_first:.1f}s ({hf_first / vl_first:.2f}x)   "
+                      f"per decoding step HF {hf_step:.0f} ms vLLM {vl_step:.0f} ms ({hf_step / vl_step:.2f}x)", flush=True)
+        if args.repeats > 1:
+            print(f"{name:<9} median ratio {statistics.median(ratios):.2f}x over {args.repeats} runs "
+                  f"(range {min(ratios):.2f}–{max(ratios):.2f}x)", flush=True)
+        del model
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ steps; the script prints each arm's throughput and padding fraction and the rati
     python benchmarks/sft_packing.py                                   # tiny random Qwen2, R1 tokenizer
     python benchmarks/sft_packing.py --model smollm2-135m-instruct     # the packaged real model (slow on CPU)
 
-The baseline uses the plain 2D padding mask (what the seed's HF Trainer loop did); the packed arm uses
-medadapt's block-diagonal 4D mask. Both go through the same loss and optimizer code.
+The baseline holds one example per row, padded at the right to the batch's longest; the packed arm fills
+rows with several examples whose positions restart at each one (which isolates them: ``data/packing.py``).
+Both go through the same forward, loss (``CausalLMModule.loss_sum``) and optimizer code, so the ratio is
+packing's alone.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def tiny_model_dir() -> str:
     return str(path)
 
 
-def run(model, rows, pad_id, steps, batch_size, packed: bool) -> dict:
+def run(model, rows, pad_id, steps, batch_size) -> dict:
     """``steps`` optimizer steps over ``rows``; returns supervised tokens/s and padding fraction."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     holder = CausalLMModule.__new__(CausalLMModule)
@@ -51,15 +53,8 @@ def run(model, rows, pad_id, steps, batch_size, packed: bool) -> dict:
         batch = collate(group, pad_id=pad_id, pad_to_multiple_of=1)
         if step == 1:  # the first step warms up allocators and kernels
             start, supervised, positions, padding = time.perf_counter(), 0, 0, 0
-        if packed:
-            loss, n = holder.loss_sum(batch)
-        else:
-            out = model(input_ids=batch["input_ids"], attention_mask=(batch["segment_ids"] > 0).long(), use_cache=False)
-            logits = out.logits[:, :-1].float()
-            targets = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                     ignore_index=-100, reduction="sum")
-            n = int((targets != -100).sum())
+        loss, n = holder.loss_sum(batch)
+        n = int(n)
         (loss / max(n, 1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -94,7 +89,7 @@ def main() -> None:
         data.pack = pack
         rows = data._to_rows(examples).rows
         model = load_model(cfg, LoraConfig(dropout=0.0), training=True)
-        results[arm] = run(model, rows, pad_id, args.steps, args.batch_size, packed=pack)
+        results[arm] = run(model, rows, pad_id, args.steps, args.batch_size)
         r = results[arm]
         print(f"{arm:18s} {r['tokens_per_s']:8.1f} supervised tok/s   padding {100 * r['padding']:5.1f}%   "
               f"({r['supervised']} supervised tokens in {r['seconds']:.1f}s)")

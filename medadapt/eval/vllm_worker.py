@@ -5,7 +5,7 @@
 It imports nothing from medadapt (vLLM pins its own torch/transformers/numpy, so it usually lives in a
 venv of its own: ``scripts/install.sh`` makes ``.venv-vllm``). The request names the model folder, an
 optional LoRA adapter (``LoRARequest``), the prompts as token ids, the sampling settings and the budget
-forcing settings; the response holds every sample's new token ids. Budget forcing runs a second round in
+forcing settings (and, for benchmarks, warm-up prompts run before the timed call); the response holds every sample's new token ids. Budget forcing runs a second round in
 the same engine: a sample that stopped at the length limit with its thought still open gets the cue ids
 appended (``</think>`` + "The final answer is") and ``force.budget`` more tokens.
 
@@ -48,6 +48,10 @@ def run(request: dict) -> dict:
     common = {"temperature": 0.0 if greedy else s["temperature"], "top_p": 1.0 if greedy else s["top_p"],
               "stop_token_ids": request["eos"], "detokenize": False, "skip_special_tokens": False}
     prompts = request["prompts"]
+    warmup = request.get("warmup")  # benchmarks: other prompts run first, so lazy start-up work is not timed
+    if warmup:
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in warmup["prompts"]],
+                     SamplingParams(max_tokens=warmup["max_tokens"], **common), use_tqdm=False)
     started = time.perf_counter()
     # one request per prompt with its own seed: a prompt's samples do not depend on what it is batched with
     params = [SamplingParams(n=s["n"], max_tokens=s["max_tokens"], seed=s["seed"] + i, **common)
