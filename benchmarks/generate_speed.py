@@ -7,13 +7,14 @@
 Both arms decode greedily from the same token ids (the test stage's chat prompts) and stop at EOS. HF:
 one left-padded batch through ``model.generate`` (``eval/generative.py``). vLLM: the worker the ``vllm``
 backend runs (``eval/vllm_backend.py``), timed around ``LLM.generate`` only, not the engine start (which
-it prints separately). With ``--lora`` both arms serve the same adapter (PEFT on the HF side, a
-``LoRARequest`` on vLLM's). Printed: tokens/s of each, their ratio, identical outputs (token for token),
-and identical extracted answers; with ``--repeats`` the median ratio and its range (each repeat is a fresh
-HF call and a fresh vLLM engine, HF first). Both arms first generate a few tokens for other prompts, untimed, so each engine's lazy
-start-up work is left out as the engine start is (``--cold`` times the first calls instead). ``--split`` also times each arm on one new token (the prompt's
-forward pass alone), and prints the remaining time per decoding step, which says where a ratio comes from:
-vLLM skips left padding in the prompt pass and finished rows while decoding.
+it prints separately). In the ``lora`` arm both serve the same adapter (PEFT on the HF side, a
+``LoRARequest`` on vLLM's). Printed: tokens/s of each, their ratio, identical outputs (token for token)
+and identical extracted answers; with ``--repeats`` the median ratio and its range (each repeat is one HF
+call and a fresh vLLM engine). Both arms first generate a few tokens for other prompts, untimed, so lazy
+start-up work is left out as the engine start is (``--cold`` times the first calls instead). ``--split``
+also times each arm on one new token (the prompt pass alone) and prints the rest per decoding step, which
+says where a ratio comes from: vLLM skips HF's left padding in the prompt pass, and finished rows and
+Python overhead while decoding.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from medadapt.eval.tasks import load_task
 from medadapt.eval.vllm_backend import build_request, replies_of, run_worker, served_weights, vllm_python
 from medadapt.model import LoraConfig, ModelConfig, load_model, load_tokenizer
 from medadapt.weights import write_scaled_adapter
+
+WARMUP_TOKENS = 8  # new tokens per warm-up prompt
 
 
 def hf_arm(model, tokenizer, rows, g):
@@ -56,9 +59,6 @@ def vllm_arm(cfg, adapter, tokenizer, rows, g, dtype, python, warmup=None):
     total = time.perf_counter() - started
     replies = replies_of(tokenizer, response, request["force"]["cue"])
     return replies, text_tokens(tokenizer, replies), response["seconds"], total - response["seconds"]
-
-
-WARMUP_TOKENS = 8
 
 
 def text_tokens(tokenizer, replies) -> int:
@@ -117,7 +117,7 @@ def main() -> None:
         if warm:
             hf_arm(model, tokenizer, warm, replace(g, max_new_tokens=WARMUP_TOKENS))
         ratios = []
-        for repeat in range(args.repeats):
+        for _ in range(args.repeats):
             hf, hf_tokens, hf_seconds = hf_arm(model, tokenizer, rows, g)
             vl, vl_tokens, vl_seconds, overhead = vllm_arm(cfg, adapter, tokenizer, rows, g, args.dtype, python, warm)
             same_text = sum(a[0].text == b[0].text for a, b in zip(hf, vl))
@@ -137,7 +137,8 @@ def main() -> None:
                 hf_step = (hf_seconds - hf_first) / steps(tokenizer, hf) * 1000
                 vl_step = (vl_seconds - vl_first) / steps(tokenizer, vl) * 1000
                 print(f"{'':<9} prompt pass HF {hf_first:.1f}s vLLM {vl_first:.1f}s ({hf_first / vl_first:.2f}x)   "
-                      f"per decoding step HF {hf_step:.0f} ms vLLM {vl_step:.0f} ms ({hf_step / vl_step:.2f}x)", flush=True)
+                      f"per decoding step HF {hf_step:.0f} ms vLLM {vl_step:.0f} ms ({hf_step / vl_step:.2f}x)",
+                      flush=True)
         if args.repeats > 1:
             print(f"{name:<9} median ratio {statistics.median(ratios):.2f}x over {args.repeats} runs "
                   f"(range {min(ratios):.2f}–{max(ratios):.2f}x)", flush=True)
