@@ -39,16 +39,16 @@ WARMUP_TOKENS = 8  # new tokens per warm-up prompt
 
 
 def hf_arm(model, tokenizer, rows, g):
-    """(replies, generated tokens, seconds) of one batched HF generate call."""
+    """(replies, generated tokens per reply, seconds) of one batched HF generate call."""
     batch = collate_generate([[r] for r in rows], tokenizer.pad_token_id, g)
     start = time.perf_counter()
     replies = generate(model, tokenizer, batch)
     seconds = time.perf_counter() - start
-    return replies, text_tokens(tokenizer, replies), seconds
+    return replies, reply_tokens(tokenizer, replies), seconds
 
 
 def vllm_arm(cfg, adapter, tokenizer, rows, g, dtype, python, warmup=None):
-    """(replies, generated tokens, seconds of LLM.generate, seconds of engine start + exit) of one worker run;
+    """(replies, generated tokens per reply, seconds of LLM.generate, seconds of engine start + exit) of one worker run;
     ``warmup`` (other rows) runs first in the same engine, untimed."""
     model_dir, lora = served_weights(cfg, adapter, dtype)
     request = build_request(tokenizer, rows, g, model_dir, lora, dtype)
@@ -58,17 +58,13 @@ def vllm_arm(cfg, adapter, tokenizer, rows, g, dtype, python, warmup=None):
     response = run_worker(request, python)
     total = time.perf_counter() - started
     replies = replies_of(tokenizer, response, request["force"]["cue"])
-    return replies, text_tokens(tokenizer, replies), response["seconds"], total - response["seconds"]
+    return replies, reply_tokens(tokenizer, replies), response["seconds"], total - response["seconds"]
 
 
-def text_tokens(tokenizer, replies) -> int:
-    """Generated tokens, counted the same way for both arms: the replies' text re-encoded (EOS not counted)."""
-    return sum(len(tokenizer.encode(r[0].text, add_special_tokens=False)) for r in replies)
-
-
-def steps(tokenizer, replies) -> int:
-    """Decoding steps after the first token: the longest reply sets how long the batch runs."""
-    return max(len(tokenizer.encode(r[0].text, add_special_tokens=False)) for r in replies) - 1
+def reply_tokens(tokenizer, replies) -> list[int]:
+    """Generated tokens of each reply, counted the same way for both arms: its text re-encoded (EOS not counted).
+    Their sum is the arm's output; their maximum less one, its decoding steps after the first token."""
+    return [len(tokenizer.encode(r[0].text, add_special_tokens=False)) for r in replies]
 
 
 def main() -> None:
@@ -98,10 +94,10 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg)
     g = GenerationConfig(temperature=0.0, max_new_tokens=args.max_new_tokens, answer_budget=0, open_think=False,
                          enforce_eager=args.eager)
-    items = load_task("medqa_4options", args.data)[: args.prompts]
+    task = load_task("medqa_4options", args.data)
+    items = task[: args.prompts]
     rows = [gen_row(tokenizer, it, g) for it in items]
-    warm = None if args.cold else [gen_row(tokenizer, it, g) for it in
-                                   load_task("medqa_4options", args.data)[args.prompts : 2 * args.prompts]]
+    warm = None if args.cold else [gen_row(tokenizer, it, g) for it in task[args.prompts : 2 * args.prompts]]
     adapter_dir = tempfile.mkdtemp()
     write_scaled_adapter(cfg, adapter_dir, rho=0.05, lora=LoraConfig(r=16, alpha=32, dropout=0.0))
     python = vllm_python()
@@ -118,8 +114,9 @@ def main() -> None:
             hf_arm(model, tokenizer, warm, replace(g, max_new_tokens=WARMUP_TOKENS))
         ratios = []
         for _ in range(args.repeats):
-            hf, hf_tokens, hf_seconds = hf_arm(model, tokenizer, rows, g)
-            vl, vl_tokens, vl_seconds, overhead = vllm_arm(cfg, adapter, tokenizer, rows, g, args.dtype, python, warm)
+            hf, hf_lengths, hf_seconds = hf_arm(model, tokenizer, rows, g)
+            vl, vl_lengths, vl_seconds, overhead = vllm_arm(cfg, adapter, tokenizer, rows, g, args.dtype, python, warm)
+            hf_tokens, vl_tokens = sum(hf_lengths), sum(vl_lengths)
             same_text = sum(a[0].text == b[0].text for a, b in zip(hf, vl))
             same_answer = sum(extract_answer(a[0].text, it) == extract_answer(b[0].text, it)
                               for a, b, it in zip(hf, vl, items))
@@ -134,8 +131,8 @@ def main() -> None:
                 one = replace(g, max_new_tokens=1)
                 hf_first = hf_arm(model, tokenizer, rows, one)[2]
                 vl_first = vllm_arm(cfg, adapter, tokenizer, rows, one, args.dtype, python, warm)[2]
-                hf_step = (hf_seconds - hf_first) / steps(tokenizer, hf) * 1000
-                vl_step = (vl_seconds - vl_first) / steps(tokenizer, vl) * 1000
+                hf_step = (hf_seconds - hf_first) / (max(hf_lengths) - 1) * 1000
+                vl_step = (vl_seconds - vl_first) / (max(vl_lengths) - 1) * 1000
                 print(f"{'':<9} prompt pass HF {hf_first:.1f}s vLLM {vl_first:.1f}s ({hf_first / vl_first:.2f}x)   "
                       f"per decoding step HF {hf_step:.0f} ms vLLM {vl_step:.0f} ms ({hf_step / vl_step:.2f}x)",
                       flush=True)

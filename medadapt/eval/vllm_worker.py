@@ -5,9 +5,10 @@
 It imports nothing from medadapt (vLLM pins its own torch/transformers/numpy, so it usually lives in a
 venv of its own: ``scripts/install.sh`` makes ``.venv-vllm``). The request names the model folder, an
 optional LoRA adapter (``LoRARequest``), the prompts as token ids, the sampling settings and the budget
-forcing settings (and, for benchmarks, warm-up prompts run before the timed call); the response holds every sample's new token ids. Budget forcing runs a second round in
-the same engine: a sample that stopped at the length limit with its thought still open gets the cue ids
-appended (``</think>`` + "The final answer is") and ``force.budget`` more tokens.
+forcing settings (and, for benchmarks, warm-up prompts run before the timed call); the response holds
+every sample's new token ids. Budget forcing runs a second round in the same engine: a sample that
+stopped at the length limit with its thought still open gets the cue ids appended (``</think>`` + "The
+final answer is") and ``force.budget`` more tokens.
 
 The ``__main__`` guard matters: vLLM's multiprocess engine re-imports the main module in its workers.
 """
