@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Everything that must be seen on a GPU, in one command (benchmarks/gpu_check.py says what it checks).
 #
-#   bash benchmarks/gpu_check.sh --prepare   # where PyPI is reachable: wheels + assets into .gpu/ (git-ignored, ~58 MB)
+#   bash benchmarks/gpu_check.sh --prepare   # where PyPI is reachable: wheels + assets into .gpu/ (git-ignored, ~59 MB)
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, with .gpu carried beside the checkout
 #   bash benchmarks/gpu_check.sh --tiny      # the same steps on CPU with a 2-layer model (tests/test_gpu_check.py)
 #
 # The GPU image this was written for has torch (with Triton), transformers, peft, lightning, tensorboard,
 # torchmetrics, pyarrow and huggingface-hub, no hub access, and none of: bitsandbytes, torchdata, datasets,
-# dill, multiprocess, jsonargparse (+ docstring-parser, typeshed-client). --prepare downloads exactly those as
-# Python 3.12 manylinux wheels (bitsandbytes is 43 MB of the total), plus the R1 tokenizer, the SFT sample
+# dill, multiprocess, jsonargparse (+ docstring-parser, typeshed-client), liger-kernel. --prepare downloads exactly
+# those as Python 3.12 manylinux wheels (bitsandbytes is 43 MB of the total; liger 0.9 MB), plus the R1 tokenizer, the SFT sample
 # and 100-item slices of the benchmark files from ../shared. On the GPU they are installed from the folder
 # with `pip install --no-index --no-deps --target /tmp/site .gpu/whl/*.whl`. Figures: $OUT/gpu_check.{json,md}.
 set -euo pipefail
@@ -21,7 +21,7 @@ if [ "${1:-}" = "--prepare" ]; then
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
     bitsandbytes==0.50.2 torchdata==0.11.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
-    jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0
+    jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 liger-kernel==0.8.5
   $PY - <<'PYEOF'
 import json, shutil
 from pathlib import Path

@@ -65,6 +65,9 @@ class MedAdaptCLI(LightningCLI):
         datamodule, model = getattr(self, "datamodule", None), getattr(self, "model", None)
         if hasattr(datamodule, "connect") and hasattr(model, "tokenizer"):
             datamodule.connect(model.tokenizer)  # the model's tokenizer, for the data's token ids
+        rows, length = getattr(datamodule, "batch_size", None), getattr(datamodule, "max_length", None)
+        if isinstance(rows, int) and isinstance(length, int) and hasattr(model, "micro_batch_tokens"):
+            model.micro_batch_tokens = rows * length  # what gradient_checkpointing: auto sizes its decision by
         if getattr(self, "_ckpt_path", None) and hasattr(model, "expected_ckpt_path"):
             self.model.expected_ckpt_path = self._ckpt_path  # build once, for this checkpoint
 

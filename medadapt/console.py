@@ -33,24 +33,33 @@ LOG_RECORDS = [
 QUIET_LOGGERS = ["haystack", "bm25s", "faiss.loader", "sentence_transformers", "httpx"]
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, fragments: list[str]):
-        super().__init__()
-        self.fragments = fragments
+class _DropNoise(logging.Filter):
+    """Drops the known messages, and records below WARNING from the chatty libraries. Put on the root's handlers
+    it sees every propagated record: a filter on a logger sees only the records logged on that very logger (not
+    its children's, e.g. bitsandbytes.backends.cpu.ops), and a library may reset its own level when imported
+    (bm25s sets DEBUG), so levels alone do not hold."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(f in message for f in self.fragments)
+        name = record.name
+        if record.levelno < logging.WARNING and any(name == q or name.startswith(q + ".") for q in QUIET_LOGGERS):
+            return False
+        if any(name == n or name.startswith(n + ".") for n, _ in LOG_RECORDS):
+            message = record.getMessage()
+            return not any(f in message for n, f in LOG_RECORDS if name == n or name.startswith(n + "."))
+        return True
 
 
 def quiet_known_noise() -> None:
     for pattern, category in WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, **({"category": category} if category else {}))
-    by_logger: dict[str, list[str]] = {}
-    for name, fragment in LOG_RECORDS:
-        by_logger.setdefault(name, []).append(fragment)
-    for name, fragments in by_logger.items():
-        logging.getLogger(name).addFilter(_DropMessages(fragments))
+    noise = _DropNoise()
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropNoise) for f in handler.filters):
+            handler.addFilter(noise)
+    for name, _ in LOG_RECORDS:  # loggers with handlers of their own (Lightning's rank-zero logger)
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(noise)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 

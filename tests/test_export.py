@@ -11,6 +11,8 @@ from medadapt.commands.export import main as export_main
 from medadapt.merge import export
 from medadapt.model import LoraConfig, ModelConfig, load_model
 
+from .conftest import assert_close_to_scale
+
 
 def trained_adapter(base: str, path, load_in_4bit: bool) -> tuple[ModelConfig, torch.Tensor, torch.Tensor]:
     """A LoRA with non-zero B (as after training), saved; returns its config, an input and its logits."""
@@ -43,7 +45,7 @@ def test_merged_export_equals_base_plus_adapter(tiny_qwen, tmp_path):
     assert "quantization_config" not in config
     assert (tmp_path / "merged" / "model.safetensors").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
     after = logits(str(tmp_path / "merged"), x)  # plain transformers, no peft
-    assert (after - before).abs().max() < 1e-5
+    assert_close_to_scale(after, before)
     assert (after - logits(tiny_qwen, x)).abs().max() > 1e-3  # the adapter changed something
 
 
@@ -53,7 +55,7 @@ def test_nf4_adapter_merges_into_the_dequantized_weights_it_was_trained_on(tiny_
     cfg, x, before = trained_adapter(tiny_qwen, tmp_path / "adapter", load_in_4bit=True)
     export(cfg, str(tmp_path / "adapter"), str(tmp_path / "merged"), dtype="float32")
     merged = logits(str(tmp_path / "merged"), x)
-    assert (merged - before).abs().max() < 1e-5
+    assert_close_to_scale(merged, before)
     # merging into the original full-precision weights instead would ignore what nf4 did to them
     naive = tmp_path / "naive"
     export(ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32"),

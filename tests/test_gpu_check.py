@@ -19,11 +19,18 @@ def test_gpu_check_runs_every_step_with_tiny_models(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert list(report["steps"]) == ["build", "qlora", "fit", "fit_fp16", "test", "generate"]
+    assert list(report["steps"]) == ["build", "fit_speed", "test", "generate"]
     assert all(step["ok"] for step in report["steps"].values())
-    arms = report["steps"]["qlora"]["seqs"]["128"]
-    assert {"baseline", "previous", "medadapt-sdpa"} <= set(arms) and all(a["tokens_per_s"] > 0 for a in arms.values())
-    fit = report["steps"]["fit"]["losses"]
-    assert fit[-1] < fit[0]  # falling on the repeated batch
+    speed = json.loads((tmp_path / "out" / "fit_speed.json").read_text())
+    arms = speed["arms"]
+    assert {"seed-trainer", "sft.yaml", "sdpa", "varlen", "no-ckpt", "micro3", "all"} <= set(arms)
+    assert all(a["tokens_per_s"] > 0 and a["losses"] for a in arms.values())
+    # every medadapt arm starts from the same weights on the same rows: the same first loss (fp32 here)
+    first = arms["sft.yaml"]["losses"][0]
+    assert all(abs(a["losses"][0] - first) <= 1e-4 * abs(first) for n, a in arms.items() if n != "seed-trainer")
+    assert arms["varlen"]["attention"] == "medadapt_varlen" and arms["varlen"]["packed_max_rel"] < 1e-5
+    assert arms["micro3"]["micro_batch_rows"] == 3 and arms["sdpa"]["accumulation"] == 3
     assert report["steps"]["test"]["items"] == 18 and report["steps"]["test"]["loaded_in_4bit"] is True
-    assert "## QLoRA SFT step, seq 128" in (tmp_path / "out" / "gpu_check.md").read_text()
+    assert report["steps"]["test"]["items_per_s"] > 0 and report["steps"]["generate"]["generated_tokens"] > 0
+    md = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "## SFT step as `fit` runs it" in md and "| seed-trainer |" in md

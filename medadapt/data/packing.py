@@ -10,8 +10,9 @@ isolate examples; that was a path with a 2D mask passed, which turns the detecti
 
 Each batch also carries ``segment_ids`` (0 = padding, 1..k = the k-th example of a row: padding and
 example counts for the logs; ``block_causal_mask`` builds the explicit mask from them for code that needs
-one) and the flat indices of the supervised positions with their targets (``loss.supervised_targets``,
-computed here on the CPU so the loss picks them without a host sync).
+one), the segment boundaries of the flattened batch for varlen attention (``cu_seq_lens``, ``max_length``:
+``attention.segment_boundaries``) and the flat indices of the supervised positions with their targets
+(``loss.supervised_targets``), all computed here on the CPU so the step needs no host sync for them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Sequence, TypedDict
 
 import torch
 
+from medadapt.attention import segment_boundaries
 from medadapt.loss import supervised_targets
 
 IGNORE_INDEX = -100
@@ -81,8 +83,9 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple_of: 
             segment_ids[b, start:end] = k
             start = end
     target_index, targets = supervised_targets(labels, IGNORE_INDEX)
+    cu_seq_lens, max_length = segment_boundaries(segment_ids)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids,
-            "target_index": target_index, "targets": targets}
+            "target_index": target_index, "targets": targets, "cu_seq_lens": cu_seq_lens, "max_length": max_length}
 
 
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -46,7 +46,9 @@ def load_rows(
         files = [data_files] if isinstance(data_files, str) else list(data_files)
         missing = [f for f in files if not Path(f).exists()]
         if missing:
-            raise FileNotFoundError(f"data file(s) not found: {', '.join(missing)}")
+            where = [f if Path(f).is_absolute() else f"{f} (resolved against {Path.cwd()}: {Path(f).resolve()})"
+                     for f in missing]
+            raise FileNotFoundError(f"data file(s) not found: {'; '.join(where)}")
         suffixes = {Path(f).suffix.lower() for f in files}
         builders = {_BUILDERS.get(s) for s in suffixes}
         if len(builders) != 1 or None in builders:

@@ -79,23 +79,51 @@ def build_table(runs: dict[str, tuple[dict, dict]], baseline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(runs: dict[str, tuple[dict, dict]], path: Path) -> None:
+def chance_levels(directory: str) -> dict[str, float]:
+    """Per task, the accuracy of a uniform guess: the mean of 1/choices over its items (25% for four options,
+    33% for PubMedQA's yes/no/maybe)."""
+    sums: dict[str, list[float]] = {}
+    for r in map(json.loads, open(Path(directory) / "predictions.jsonl")):
+        choices = r.get("n_choices") or len(r.get("loglikelihoods") or [])
+        if choices:
+            sums.setdefault(r["task"], []).append(1 / choices)
+    return {t: sum(v) / len(v) for t, v in sums.items()}
+
+
+def task_label(task: str, width: int = 12) -> str:
+    """A task name wrapped on its underscores so that neighbouring labels do not overlap."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(task.replace("_", " "), width=width, break_long_words=False))
+
+
+def chart(runs: dict[str, tuple[dict, dict]], path: Path, chance: dict[str, float]) -> None:
+    """Bars per task and for the macro average, 95% CIs, and each task's chance level as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = sorted({t for results, _ in runs.values() for t in results["tasks"]})
+    groups = tasks + ["macro average"]
     width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(tasks)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.25 * len(groups)), 4.8))
     for i, (name, (results, _)) in enumerate(runs.items()):
         accs = [100 * results["tasks"].get(t, {}).get("acc", float("nan")) for t in tasks]
-        errs = [100 * Z95 * results["tasks"].get(t, {}).get("acc_stderr", float("nan")) for t in tasks]
-        ax.bar([x + i * width for x in range(len(tasks))], accs, width, yerr=errs, capsize=2, label=name)
-    ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(tasks))])
-    ax.set_xticklabels([t.replace("mmlu_", "mmlu\n") for t in tasks], fontsize=8)
+        errs = [100 * Z95 * (results["tasks"].get(t, {}).get("acc_stderr") or float("nan")) for t in tasks]
+        ax.bar([x + i * width for x in range(len(groups))], accs + [100 * results["macro_avg_acc"]], width,
+               yerr=errs + [float("nan")], capsize=2, label=name)
+    levels = [chance.get(t) for t in tasks]
+    known = [c for c in levels if c is not None]
+    levels.append(sum(known) / len(known) if known else None)
+    for x, level in enumerate(levels):
+        if level is not None:
+            ax.hlines(100 * level, x - 0.5 * width, x + 0.8 - 0.5 * width, colors="black", linestyles="dashed",
+                      linewidth=1, label="chance" if x == 0 else None)
+    ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(groups))])
+    ax.set_xticklabels([task_label(t) for t in groups], fontsize=8)
     ax.set_ylabel("accuracy (%) with 95% CI")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -115,12 +143,13 @@ def build_parser():
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    runs = {}
+    runs, chance = {}, {}
     for spec in args.runs:
         name, _, directory = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
         if name in runs:
             raise SystemExit(f"two runs are named {name!r}: name them NAME=DIR so each is its own row")
         runs[name] = load_run(directory)
+        chance.update(chance_levels(directory))
     baseline = args.baseline or next(iter(runs))
     if baseline not in runs:
         raise SystemExit(f"--baseline {baseline!r} is not among the runs {list(runs)}")
@@ -129,6 +158,6 @@ def main(argv: list[str]) -> None:
     md, png = out.with_name(out.name + ".md"), out.with_name(out.name + ".png")  # "run1.5" stays run1.5.md
     out.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(table)
-    chart(runs, png)
+    chart(runs, png, chance)
     print(table)
     print(f"wrote {md} and {png}")

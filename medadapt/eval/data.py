@@ -27,8 +27,11 @@ class BenchmarkDataModule(L.LightningDataModule):
         tasks: Tasks to evaluate (default: all nine leaderboard tasks).
         local_dir: A folder in the layout of ``shared/data/benchmarks`` (MIRAGE/PubMedQA files); null
             loads each task's hub dataset, as lm-evaluation-harness does.
-        limit: Evaluate a seeded random subset of this many items per task; null = the full sets.
-        seed: Seed of that subset.
+        limit: Evaluate this many items per task (null: the full sets), drawn as ``limit_draw`` says.
+        limit_draw: How ``limit`` items are drawn: ``sample`` (default) a seeded random sample, kept in the set's
+            order, so a small run covers the whole set; ``first`` the first ``limit`` items, as lm-evaluation-
+            harness's ``--limit`` does (use it to compare against an lm-eval run item by item).
+        seed: Seed of the ``sample`` draw.
         batch_size: Questions per forward batch (questions are sorted by length to limit padding).
         max_length: Inputs longer than this are left-truncated, as lm-eval does at the model length.
         tokenizer: Tokenizer name or path; null takes the model's.
@@ -52,6 +55,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         tasks: list[str] = TASKS,
         local_dir: Optional[str] = None,
         limit: Optional[int] = None,
+        limit_draw: Literal["sample", "first"] = "sample",
         seed: int = 1234,
         batch_size: int = 8,
         max_length: int = 4096,
@@ -97,11 +101,11 @@ class BenchmarkDataModule(L.LightningDataModule):
         for task in h.tasks:
             items = load_task(task, h.local_dir, h.allow_partial)
             self.available[task] = len(items)
-            self.items += select(items, h.limit, h.seed)
+            self.items += select(items, h.limit, h.seed, h.limit_draw)
         for custom in self.custom_tasks:
             items = load_custom(custom)
             self.available[custom.name] = len(items)
-            self.items += select(items, h.limit, h.seed)
+            self.items += select(items, h.limit, h.seed, h.limit_draw)
         if self.rag is not None:
             from medadapt.rag.context import with_context
 

@@ -142,6 +142,7 @@ class Reply:
 
     text: str
     ending: str
+    tokens: int = 0  # generated tokens (EOS excluded; a forced reply counts its cue and answer too)
 
 
 @torch.no_grad()
@@ -163,6 +164,7 @@ def generate(model, tokenizer, batch: dict) -> list[list[Reply]]:
     cue = tokenizer.encode(FORCED_ANSWER, add_special_tokens=False)
     force = [i for i, (row, (ids, done)) in enumerate(zip(rows, new))
              if g.answer_budget and row.thinking and not done and "</think>" not in texts[i]]
+    counts = [len(ids) for ids, _ in new]
     if force:
         prompts = [rows[i].input_ids + new[i][0] + cue for i in force]
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
@@ -170,9 +172,10 @@ def generate(model, tokenizer, batch: dict) -> list[list[Reply]]:
                               max_new_tokens=g.answer_budget, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                               **sampling)
         for i, answer in zip(force, more[:, ids.shape[1]:].tolist()):
-            texts[i] = tokenizer.decode(new[i][0] + cue + _until_eos(answer, eos)[0], skip_special_tokens=True)
-            endings[i] = "forced"
-    replies = [Reply(t, e) for t, e in zip(texts, endings)]
+            answer = _until_eos(answer, eos)[0]
+            texts[i] = tokenizer.decode(new[i][0] + cue + answer, skip_special_tokens=True)
+            endings[i], counts[i] = "forced", counts[i] + len(cue) + len(answer)
+    replies = [Reply(t, e, n) for t, e, n in zip(texts, endings, counts)]
     return [replies[k * g.samples : (k + 1) * g.samples] for k in range(len(batch["gen_rows"]))]
 
 
@@ -181,18 +184,25 @@ def _until_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
 
 
 # ---- answer extraction (rules in eval/answers.py) -----------------------------------------------------
-def extract_answer(text: str, item: Item, thinking: bool = False) -> Optional[int]:
-    """Index of the chosen answer in ``item.choices``, or None when the reply does not name exactly one."""
+def read_reply(text: str, item: Item, thinking: bool = False) -> tuple[Optional[int], str]:
+    """Index of the chosen answer in ``item.choices`` (None when the reply does not name exactly one), and the
+    reader's rule that decided (``eval/answers.py``: boxed, final_statement, lone_choice_line, verdict,
+    whole_reply; unparsable or no_answer)."""
     if item.options:
         return read_answer(text, OPTION_LETTERS[: len(item.options)], item.options, thinking)
     return read_answer(text, item.choices, item.choices, thinking)
 
 
+def extract_answer(text: str, item: Item, thinking: bool = False) -> Optional[int]:
+    """Index of the chosen answer in ``item.choices``, or None when the reply does not name exactly one."""
+    return read_reply(text, item, thinking)[0]
+
+
 def decide_generated(item: Item, replies: list[Reply], thinking: bool) -> dict:
     """The item's record: each reply read; ``pred`` is their majority vote (the first-seen answer among ties;
     -1 when none names a choice), ``pass1`` the share of replies that are right."""
-    preds = [extract_answer(r.text, item, thinking) for r in replies]
-    preds = [-1 if p is None else p for p in preds]
+    read = [read_reply(r.text, item, thinking) for r in replies]
+    preds = [-1 if p is None else p for p, _ in read]
     votes = Counter(p for p in preds if p >= 0)
     pred = max(votes, key=lambda p: (votes[p], -preds.index(p))) if votes else -1
     acc = float(pred == item.gold)
@@ -200,4 +210,6 @@ def decide_generated(item: Item, replies: list[Reply], thinking: bool) -> dict:
             "pass1": sum(p == item.gold for p in preds) / len(preds), "samples": len(preds),
             "unparsable": sum(p < 0 for p in preds), "forced": sum(r.ending == "forced" for r in replies),
             "cut": sum(r.ending == "cut" for r in replies),
-            "replies": [{"pred": p, "ending": r.ending, "generation": r.text} for p, r in zip(preds, replies)]}
+            "tokens": sum(r.tokens for r in replies),
+            "replies": [{"pred": p, "parse": path, "ending": r.ending, "tokens": r.tokens, "generation": r.text}
+                        for p, (_, path), r in zip(preds, read, replies)]}

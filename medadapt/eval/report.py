@@ -1,8 +1,8 @@
 """Per-task metrics with 95% confidence intervals, and the files a test run leaves behind.
 
 The interval is lm-eval's: acc ± 1.96 × the sample standard error (ddof 1), so our numbers and the
-harness's can be put side by side. Accuracy itself is computed with torchmetrics on the gathered,
-de-duplicated items.
+harness's can be put side by side. Accuracy is a count ratio over the gathered, de-duplicated items, computed
+in Python floats (float64): torchmetrics returns float32, which wrote 2/5 as 0.4000000059604645.
 """
 
 from __future__ import annotations
@@ -12,34 +12,31 @@ import hashlib
 import json
 import logging
 import math
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-from torchmetrics.functional.classification import multiclass_accuracy
 
 log = logging.getLogger(__name__)
 Z95 = 1.96  # two-sided 95% normal quantile, as lm-eval reports intervals
 
 
 def task_metrics(records: list[dict]) -> dict[str, Any]:
-    """acc / acc_norm with lm-eval's stderr and 95% CI. An unparsable generative answer (pred -1) is its
-    own extra class, so it counts as wrong without being dropped from the denominator. Generative records
-    add pass@1 (mean over each item's replies, CI over items), unparsable/forced/cut reply counts."""
+    """acc / acc_norm with lm-eval's stderr and 95% CI. An unparsable generative answer (pred -1) counts as
+    wrong without being dropped from the denominator. Generative records add pass@1 (mean over each item's
+    replies, CI over items), unparsable/forced/cut reply counts, generated tokens and the reader's parse paths."""
     n = len(records)
     out: dict[str, Any] = {"n": n}
-    classes = max(r.get("n_choices") or len(r["loglikelihoods"]) for r in records)
     for key, pred_key in (("acc", "pred"), ("acc_norm", "pred_norm")):
-        preds = torch.tensor([classes if r[pred_key] < 0 else r[pred_key] for r in records])
-        gold = torch.tensor([r["gold"] for r in records])
-        acc = float(multiclass_accuracy(preds, gold, num_classes=classes + 1, average="micro"))
+        acc = sum(r[pred_key] == r["gold"] for r in records) / n  # an unparsable answer (-1) is never gold
         stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
         out[key] = acc
         out[f"{key}_stderr"] = stderr
         out[f"{key}_ci95"] = [acc - Z95 * stderr, acc + Z95 * stderr]
-    out["unparsable"] = sum(int(r.get("unparsable") or 0) for r in records)
-    if any("pass1" in r for r in records):  # generative: per-reply counts, pass@1 over the replies
+    if any(r.get("loglikelihoods") is None for r in records):  # generative: replies the reader could not read
+        out["unparsable"] = sum(int(r.get("unparsable") or 0) for r in records)
+    if any("pass1" in r for r in records):  # per-reply counts, pass@1 over the replies
         replies = sum(r["samples"] for r in records)
         per_item = [r["pass1"] for r in records]
         mean = sum(per_item) / n
@@ -47,7 +44,10 @@ def task_metrics(records: list[dict]) -> dict[str, Any]:
         out.update({"pass@1": mean, "pass@1_stderr": stderr, "pass@1_ci95": [mean - Z95 * stderr, mean + Z95 * stderr],
                     "samples_per_item": records[0]["samples"], "replies": replies,
                     "unparsable_rate": out["unparsable"] / replies,
-                    "forced": sum(r.get("forced", 0) for r in records), "cut": sum(r.get("cut", 0) for r in records)})
+                    "forced": sum(r.get("forced", 0) for r in records), "cut": sum(r.get("cut", 0) for r in records),
+                    "generated_tokens": sum(r.get("tokens", 0) for r in records),
+                    "parse_paths": dict(sorted(Counter(x.get("parse", "unknown") for r in records
+                                                       for x in r.get("replies", [])).items()))})
     return out
 
 

@@ -213,9 +213,13 @@ def load_task(task: str, local_dir: Optional[str] = None, allow_partial: bool = 
     return items
 
 
-def select(items: list[Item], limit: Optional[int], seed: int) -> list[Item]:
-    """A seeded subset of ``limit`` items in their original order (all when ``limit`` is None)."""
+def select(items: list[Item], limit: Optional[int], seed: int, draw: str = "sample") -> list[Item]:
+    """``limit`` items in their original order (all when ``limit`` is None): a seeded random sample (``draw:
+    sample``, every part of the set represented) or the first ``limit`` (``draw: first``, what lm-eval's
+    ``--limit`` takes: the same items as an lm-eval run with the same limit)."""
     if limit is None or limit >= len(items):
         return items
+    if draw == "first":
+        return items[:limit]
     keep = sorted(random.Random(seed).sample(range(len(items)), limit))
     return [items[i] for i in keep]

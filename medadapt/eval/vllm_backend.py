@@ -113,10 +113,13 @@ def run_worker(request: dict, python: str) -> dict:
 
 
 def replies_of(tokenizer, response: dict, cue: list[int]) -> list[list[Reply]]:
-    return [[Reply(tokenizer.decode(s["ids"] + (cue + s["forced"] if s["forced"] is not None else []),
-                                    skip_special_tokens=True),
-                   "forced" if s["forced"] is not None else "natural" if s["finished"] else "cut")
-             for s in samples] for samples in response["outputs"]]
+    def reply(s: dict) -> Reply:
+        ids = s["ids"] + (cue + s["forced"] if s["forced"] is not None else [])
+        return Reply(tokenizer.decode(ids, skip_special_tokens=True),
+                     "forced" if s["forced"] is not None else "natural" if s["finished"] else "cut",
+                     sum(t != tokenizer.eos_token_id for t in ids))  # counted as the HF backend counts
+
+    return [[reply(s) for s in samples] for samples in response["outputs"]]
 
 
 def generate(tokenizer, rows: list[GenRow], g: GenerationConfig, model_dir: str, lora: Optional[dict],

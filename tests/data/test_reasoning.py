@@ -106,3 +106,9 @@ def test_malformed_rows_name_file_row_and_field(tmp_path, field, value, message)
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         make_dm(data_files=str(tmp_path / "nope.json")).build_examples("fit")
+
+
+def test_a_missing_relative_path_names_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"resolved against {tmp_path}: {tmp_path / 'data' / 'nope.json'}"):
+        make_dm(data_files="data/nope.json").build_examples("fit")

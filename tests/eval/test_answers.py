@@ -1,7 +1,8 @@
 """The answer reader on realistic reply endings: the right choice, or unparsable by a stated rule.
 
-The first block holds the 20 endings issue 13 fed to the first reader (12 were misread); the rest are
-shapes seen from SmolLM2 and R1-style models, and the traps each rule exists for.
+The first block holds the 20 endings issue 13 fed to the first reader (12 were misread); then shapes seen from
+SmolLM2 and R1-style models and the traps each rule exists for; then, per class issue 20 found misread, ten or
+more endings written for this test (none of them the issue's own examples).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def test_reads_the_issue_endings(reply, expected):
     ("A. Warfarin\nB. Heparin infusion\nC. Aspirin\nStep 1:", False, None),  # reciting the options
     ("Answer: C.", False, C),
     ("C. Aspirin", False, C),
-    ("Final answer: B.\n\nActually, final answer: C.", False, None),  # two final answers that disagree
+    ("Final answer: B.\n\nActually, final answer: C.", False, C),  # the last final statement wins
     ("The answer is B or C.", False, None),  # one statement naming two choices
     ("I'll go with option c.", False, C),
     ("Correct answer: (C) Aspirin", False, C),
@@ -89,3 +90,107 @@ def test_prose_answers_need_no_box():
     prose = "Given the acute presentation, the first drug to give is aspirin, chewed at once."
     assert extract_answer(THOUGHT + prose, MCQ, thinking=True) == C
     assert extract_answer(THOUGHT + r"\boxed{C}", MCQ, thinking=True) == C
+
+
+# ---- issue 20: four classes of endings a person reads at once -----------------------------------------------
+CORRECTED = [  # 1. a final statement corrected later, on its line or after it: the correction wins
+    ("The answer is A. Wait, no: with his kidney failure warfarin is out, so the answer is C.", C),
+    ("The answer is B, hmm, no, heparin comes second; the answer is C.", C),
+    ("So the final answer is D. Actually, clopidogrel is only added later, the answer is C.", C),
+    ("Answer: A. On second thought, the correct answer is C.", C),
+    ("The answer is B.\n\nWait, no. Rereading the stem, C is correct.", C),
+    ("I'll go with B. Hmm, no, make that C.", C),
+    ("The correct option is D... no wait, it's C.", C),
+    ("The answer is A. Scratch that: aspirin first, so C.", C),
+    ("Final answer: B. Correction: C.", C),
+    ("The answer is C. Actually, aspirin is exactly what the guideline gives first.", C),  # a pause, same answer
+    ("The answer is C. Wait, no.", None),  # retracted, nothing named instead
+    ("La respuesta es A. Espera, no: la respuesta correcta es C.", C),
+    ("La réponse est B. En fait, non : la bonne réponse est C.", C),
+]
+
+LONE_LINE = [  # 2. a bare choice on its own line, then an explanation
+    ("C\n\nWhy: aspirin reduces mortality when chewed at once.", C),
+    ("**C**\n\nExplanation: heparin follows, warfarin is for later.", C),
+    ("C.\n\nAspirin is given first because it acts within minutes.", C),
+    ("(C)\n\nReasoning: antiplatelet therapy first.", C),
+    ("C. Aspirin\n\nThe other drugs come later in the pathway.", C),
+    ("Option C\nBecause it is the fastest-acting antiplatelet.", C),
+    ("c\n\nrationale: chew 325 mg right away.", C),
+    ("B\n\nWhy: in this setting anticoagulation with heparin comes first.", B),
+    ("\n\nD\n\nClopidogrel is given when aspirin cannot be.", D),
+    ("Heparin infusion\n\nIt prevents extension of the clot.", B),
+    ("A. Warfarin\nB. Heparin infusion\nC. Aspirin\nD. Clopidogrel\n\nLet me think.", None),  # a recited list
+    ("C\n\nB\n\nI am not sure.", None),  # two lone choices that disagree
+]
+
+LANGUAGES = [  # 3. final statements in the languages R1 answers in
+    ("Por lo tanto, la respuesta correcta es la C.", C),
+    ("Respuesta final: C", C),
+    ("Así que me quedo con la opción C.", C),
+    ("Donc la bonne réponse est C : l'aspirine.", C),
+    ("Réponse finale : C", C),
+    ("Je choisis l'option C.", C),
+    ("Die richtige Antwort lautet C.", C),
+    ("Antwort: C (Aspirin)", C),
+    ("Also ist C richtig.", C),
+    ("Portanto, a alternativa correta é a C.", C),
+    ("A resposta final é C.", C),
+    ("Quindi la risposta corretta è la C.", C),
+    ("Risposta: C", C),
+    ("L'opzione corretta è C.", C),
+    ("最终答案：C", C),
+    ("Por lo tanto, la respuesta es B o C.", None),  # two choices in one statement, in any language
+]
+
+ABBREVIATED = Item("medqa_4options", "2", "", ["A", "B", "C", "D"], 1, "What is the diagnosis?",
+                   ["HHS", "DKA", "SIADH", "ARDS"])
+SPELLED = Item("medqa_4options", "3", "", ["A", "B", "C", "D"], 2, "Which test?",
+               ["Magnetic resonance imaging", "Electrocardiogram", "Computed tomography", "Lumbar puncture"])
+EXPANSIONS = [  # 4. an abbreviated option named by its expansion (and an abbreviation naming a spelled-out option)
+    (ABBREVIATED, "This is diabetic ketoacidosis.", B),
+    (ABBREVIATED, "The most likely diagnosis is diabetic ketoacidosis given the anion gap.", B),
+    (ABBREVIATED, "Findings fit the syndrome of inappropriate antidiuretic hormone secretion.", C),
+    (ABBREVIATED, "The answer is acute respiratory distress syndrome.", D),
+    (ABBREVIATED, "Hyperosmolar hyperglycemic state explains the osmolality of 380 without ketones.", A),
+    (ABBREVIATED, "Final answer: diabetic ketoacidosis", B),
+    (ABBREVIATED, "Diabetic ketoacidosis\n\nThe pH of 7.1 and the ketones settle it.", B),
+    (ABBREVIATED, "It is not a hyperosmolar hyperglycemic state but diabetic ketoacidosis.", B),
+    (ABBREVIATED, "Either diabetic ketoacidosis or acute respiratory distress syndrome.", None),  # two named
+    (ABBREVIATED, "Dr. Kim agreed with the team.", None),  # no content words spell an option
+    (ABBREVIATED, "Diabetes is known; the ketones are absent.", None),  # D…K…A words, but not a long form
+    (SPELLED, "The answer is CT.", C),
+    (SPELLED, "Get an ECG first.", B),
+    (SPELLED, "An MRI shows it best.", A),
+]
+
+
+@pytest.mark.parametrize("reply, expected", CORRECTED)
+def test_a_self_correction_voids_what_it_corrects(reply, expected):
+    assert extract_answer(THOUGHT + reply, MCQ, thinking=True) == expected
+
+
+@pytest.mark.parametrize("reply, expected", LONE_LINE)
+def test_a_lone_choice_line_followed_by_explanation_is_an_answer(reply, expected):
+    assert extract_answer(THOUGHT + reply, MCQ, thinking=True) == expected
+
+
+@pytest.mark.parametrize("reply, expected", LANGUAGES)
+def test_final_statements_in_other_languages(reply, expected):
+    assert extract_answer(THOUGHT + reply, MCQ, thinking=True) == expected
+
+
+@pytest.mark.parametrize("item, reply, expected", EXPANSIONS)
+def test_an_abbreviated_option_is_named_by_its_expansion(item, reply, expected):
+    assert extract_answer(THOUGHT + reply, item, thinking=True) == expected
+
+
+@pytest.mark.parametrize("reply, path", [
+    (r"\boxed{C}", "boxed"), ("The answer is C.", "final_statement"), ("C\n\nBecause.", "lone_choice_line"),
+    ("C is correct.", "verdict"), ("C", "whole_reply"), ("No idea.", "unparsable"),
+])
+def test_the_parse_path_names_the_rule_that_decided(reply, path):
+    from medadapt.eval.generative import read_reply
+
+    assert read_reply(THOUGHT + reply, MCQ, thinking=True)[1] == path
+    assert read_reply("<think>\nstill thinking", MCQ, thinking=True) == (None, "no_answer")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -38,4 +39,20 @@ def test_compare_writes_table_with_paired_counts_and_chart(tmp_path):
     assert "| base |" in table and "| sft |" in table
     c = sum(1 for k in keys if k[0] == "pubmedqa" and better[k] and not base[k])
     assert f"| sft | pubmedqa | 50 | 0 | {c} | {mcnemar_exact(0, c):.3g} |" in table
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+
+
+def test_chart_marks_chance_per_task_wraps_names_and_adds_the_macro_average(tmp_path):
+    from medadapt.eval.compare import chance_levels, task_label
+
+    keys = [(t, str(i)) for t in ("mmlu_professional_medicine", "pubmedqa") for i in range(10)]
+    fake_run(tmp_path / "base", {k: i % 2 == 0 for i, k in enumerate(keys)})
+    # fake_run's items have 2 choices; PubMedQA's real ones have 3: chance follows each item's own count
+    lines = [json.loads(x) for x in (tmp_path / "base" / "predictions.jsonl").read_text().splitlines()]
+    for r in lines:
+        r["n_choices"] = 3 if r["task"] == "pubmedqa" else 4
+    (tmp_path / "base" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert chance_levels(str(tmp_path / "base")) == pytest.approx({"mmlu_professional_medicine": 0.25, "pubmedqa": 1 / 3})
+    assert all(len(part) <= 12 for part in task_label("mmlu_professional_medicine").split("\n"))
+    compare([str(tmp_path / "base"), "--out", str(tmp_path / "cmp")])
     assert (tmp_path / "cmp.png").stat().st_size > 1000

@@ -98,3 +98,13 @@ def test_seeded_subset_is_stable_and_ordered():
     assert [i.id for i in a] == [i.id for i in b] and len(a) == 10
     assert [int(i.id) for i in a] == sorted(int(i.id) for i in a)
     assert [i.id for i in select(items, 10, seed=4)] != [i.id for i in a]
+
+
+def test_limit_draws_a_seeded_sample_or_the_first_items_as_lm_eval_does():
+    from medadapt.eval.tasks import select
+
+    items = list(range(100))
+    assert select(items, 5, 0, "first") == [0, 1, 2, 3, 4]  # lm-eval's --limit 5
+    sample = select(items, 5, 0)
+    assert sample == sorted(sample) and sample != [0, 1, 2, 3, 4] and sample == select(items, 5, 0)
+    assert select(items, None, 0, "first") == items

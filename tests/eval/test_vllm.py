@@ -17,7 +17,7 @@ import torch
 from medadapt.eval.vllm_backend import VLLMUnavailableError, served_weights, vllm_python
 from medadapt.model import LoraConfig, ModelConfig
 
-from ..conftest import DATA
+from ..conftest import DATA, assert_close_to_scale
 
 SMOL = "smollm2-135m-instruct"
 
@@ -107,7 +107,7 @@ def test_4bit_and_stacked_weights_are_served_merged(tiny_qwen, tmp_path, monkeyp
     with torch.no_grad():
         evaluated = load_model(nf4, adapter=str(tmp_path / "a"), training=False)(input_ids=x).logits
         served = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=x).logits
-    assert (served - evaluated).abs().max() < 1e-4
+    assert_close_to_scale(served, evaluated)
     plain = ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, base_adapters=[])
     assert served_weights(plain, None, "float32") == (tiny_qwen, None)
 

@@ -1,0 +1,121 @@
+"""Attention paths: the varlen path computes each packed example as it is alone (logits and gradients), and
+``auto`` never resolves to a slower path than sdpa."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medadapt.attention import VARLEN, resolve_attention, segment_boundaries
+from medadapt.data.packing import collate
+from medadapt.model import LoraConfig, ModelConfig, load_model
+from medadapt.module import CausalLMModule
+
+from .conftest import assert_close_to_scale, random_examples
+
+
+def holder(model) -> CausalLMModule:
+    """The module's own forward and loss around ``model``, without a Trainer."""
+    module = CausalLMModule.__new__(CausalLMModule)
+    torch.nn.Module.__init__(module)
+    module.model = model
+    return module
+
+
+def test_segment_boundaries_cover_every_position_with_padding_runs_as_segments():
+    seg = torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 2, 3, 0, 0, 0, 0]])
+    cu, longest = segment_boundaries(seg)
+    assert cu.tolist() == [0, 3, 5, 7, 14, 15, 16, 17, 21] and cu.dtype == torch.int32
+    assert longest == 7
+
+
+@pytest.mark.parametrize("arch", ["tiny_qwen", "tiny_llama"])
+def test_varlen_packed_rows_give_each_example_its_own_logits_and_gradients(arch, request):
+    """fp32, LoRA on all linear layers: packed rows through ``varlen`` against every example alone through sdpa
+    (its own forward, no other example in sight). Logits within 1e-5 of their scale; the LoRA gradients of the
+    summed loss within 1e-5 of theirs. GQA (4 query heads, 2 KV heads) and the boundaries' route through the
+    model's attention kwargs are what this proves; on CUDA the kernel is torch's flash varlen."""
+    path = request.getfixturevalue(arch)
+    torch.manual_seed(0)
+    cfg = ModelConfig(name_or_path=path, load_in_4bit=False, compute_dtype="float32", attn_implementation="varlen",
+                      gradient_checkpointing=True)
+    model = load_model(cfg, LoraConfig(r=8, alpha=16, dropout=0.0), training=True)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)  # a trained-looking adapter: gradients reach A and B
+    base = model.get_base_model()
+    assert base.config._attn_implementation == VARLEN
+    module = holder(model)
+    examples = random_examples(7, seed=4)
+    packed = collate([examples[:4], examples[4:]], pad_id=0)
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    loss, _ = module.loss_sum(packed)
+    loss.backward()
+    got = grads()
+    with torch.no_grad():
+        logits = base.lm_head(module(packed))
+
+    base.set_attn_implementation("sdpa")
+    alone_loss = 0.0
+    for row, group in enumerate((examples[:4], examples[4:])):
+        start = 0
+        for ex in group:
+            n = len(ex["input_ids"])
+            alone = collate([[ex]], pad_id=0)
+            with torch.no_grad():
+                expected = base(input_ids=alone["input_ids"][:, :n], position_ids=alone["position_ids"][:, :n],
+                                use_cache=False).logits[0]
+            assert_close_to_scale(logits[row, start : start + n], expected, msg=f"row {row} at {start}")
+            part, _ = module.loss_sum(alone)
+            part.backward()
+            alone_loss += part.item()
+            start += n
+    expected_grads = grads()
+    assert loss.item() == pytest.approx(alone_loss, rel=1e-5)
+    assert got.keys() == expected_grads.keys() and len(got) > 0
+    for name, g in expected_grads.items():
+        assert_close_to_scale(got[name], g, msg=name)
+
+
+def test_auto_never_resolves_to_flex_and_varlen_is_for_training_only():
+    assert resolve_attention("auto", training=True) in ("sdpa", VARLEN, "flash_attention_2")
+    assert resolve_attention("auto", training=False) in ("sdpa", "flash_attention_2")
+    assert resolve_attention("varlen", training=False) == "sdpa"  # inference batches are padded, not packed
+    assert resolve_attention("varlen", training=True) == VARLEN
+    assert resolve_attention("flex_attention", training=True) == "flex_attention"  # only when named
+    if not torch.cuda.is_available():
+        assert resolve_attention("auto", training=True) == "sdpa"
+
+
+def test_varlen_refuses_a_call_without_boundaries(tiny_qwen):
+    cfg = ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32", attn_implementation="varlen",
+                      gradient_checkpointing=False)
+    model = load_model(cfg, None, training=True)
+    with pytest.raises(ValueError, match="boundaries"):
+        model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=False)
+
+
+def test_flex_pads_to_a_few_widths_and_computes_what_sdpa_does(tiny_qwen):
+    """flex_attention compiles per width: the module pads packed rows up to a multiple of FLEX_BUCKET (one shape
+    for every row up to it) and cuts the padding off again; the hidden states equal sdpa's."""
+    from medadapt.attention import FLEX_BUCKET, flex_bucket
+
+    ids, pos = flex_bucket(torch.ones(2, 37, dtype=torch.long), torch.arange(37).repeat(2, 1))
+    assert ids.shape == pos.shape == (2, FLEX_BUCKET) and pos[:, 37:].eq(0).all()
+    cfg = ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32",
+                      attn_implementation="flex_attention", gradient_checkpointing=False)
+    model = load_model(cfg, None, training=False)
+    module = holder(model)
+    packed = collate([random_examples(3, seed=5), random_examples(2, seed=6)], pad_id=0)
+    with torch.no_grad():
+        flex = module(packed)
+        model.set_attn_implementation("sdpa")
+        sdpa = module(packed)
+    assert flex.shape == sdpa.shape == (*packed["input_ids"].shape, model.config.hidden_size)
+    real = packed["segment_ids"] > 0
+    assert_close_to_scale(flex[real], sdpa[real])
