@@ -19,7 +19,22 @@ from medadapt.model import TRAINED_ON, AdapterMismatchError, LoraConfig
 def checkpoint_record(ckpt_path: str) -> dict:
     """What a fit checkpoint was trained on (``base``: TRAINED_ON fields; ``lora``), read without running a
     pickle (weights_only). Checkpoints of older runs have only their config hparams."""
-    return record_of(torch.load(checked_local(ckpt_path), map_location="cpu", weights_only=True, mmap=True))
+    return record_of(load_checkpoint(ckpt_path))
+
+
+def load_checkpoint(ckpt_path: str, mmap: bool = True) -> dict:
+    """``torch.load(weights_only=True)`` of a local checkpoint; a cut or foreign file is an error naming it."""
+    from medadapt.files import UnreadableFileError
+
+    path = checked_local(ckpt_path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch names neither the file nor what to do
+        raise UnreadableFileError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}); was it cut short while being written?") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UnreadableFileError(f"checkpoint {path}: not a Lightning checkpoint (no state_dict)")
+    return checkpoint
 
 
 def checked_local(ckpt_path: str) -> str:

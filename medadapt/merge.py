@@ -14,12 +14,12 @@ weights back to the nf4 grid and erases most of a small update (why CPT→SFT st
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
+from medadapt.files import write_json
 from medadapt.model import (ModelConfig, add_adapter, check_base_adapter, load_base, load_tokenizer,
                             read_adapter_metadata, resolve_dtype, resolve_model_config)
 
@@ -34,8 +34,8 @@ def merged_model(base: ModelConfig, adapter_dir: Optional[str], dtype: str = "fl
     (QLoRA) base is merged into the dequantized nf4 weights it was trained against; an unquantized one
     into the base weights as stored.
     """
-    trained = (read_adapter_metadata(adapter_dir) or {}).get("base") if adapter_dir else None
-    cfg = resolve_model_config(base, trained, f"adapter {adapter_dir}", training=False)
+    meta = read_adapter_metadata(adapter_dir) if adapter_dir else {"base": None, "foreign": False}
+    cfg = resolve_model_config(base, meta["base"], f"adapter {adapter_dir}", training=False, foreign=meta["foreign"])
     target = resolve_dtype(dtype)
     model = load_base(replace(cfg, compute_dtype=dtype, gradient_checkpointing=False), training=False)
     if cfg.load_in_4bit:
@@ -51,9 +51,37 @@ def merged_model(base: ModelConfig, adapter_dir: Optional[str], dtype: str = "fl
     return model, cfg
 
 
-def export(base: ModelConfig, adapter_dir: Optional[str], out_dir: str, dtype: str = "bfloat16") -> Path:
+def check_out_dir(out: Path, base: ModelConfig, adapters: list[str], overwrite: bool) -> None:
+    """``out`` must not be a folder being read (the base model, an adapter being merged): writing there destroys
+    it, or leaves a folder that loads as something else. Any other non-empty folder needs ``overwrite``, and is
+    then cleared first, so no stale file (an adapter_config.json, an old shard index) survives beside the merge."""
+    from medadapt.files import clear_folder
+    from medadapt.model import PACKAGED_MODELS, resolve_model_path
+
+    target = out.resolve()
+    reading = [Path(p).resolve() for p in adapters]
+    if base.name_or_path.lower() in PACKAGED_MODELS or Path(base.name_or_path).expanduser().exists():
+        reading.append(Path(resolve_model_path(base.name_or_path)).resolve())
+    for folder in reading:
+        if target == folder or folder in target.parents or target in folder.parents:
+            raise FileExistsError(f"--out {out} is (or holds, or is inside) {folder}, which this export reads: write the "
+                                  "merged model to a folder of its own")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"--out {out} is not empty ({', '.join(sorted(p.name for p in out.iterdir())[:4])}"
+                                  "…): choose an empty folder, or --overwrite true to replace its content")
+        log.warning("--overwrite: clearing %s before writing the merged model", out)
+        clear_folder(out)
+
+
+def export(base: ModelConfig, adapter_dir: Optional[str], out_dir: str, dtype: str = "bfloat16",
+           overwrite: bool = False) -> Path:
     """Write ``out_dir``: model safetensors, tokenizer, and ``medadapt_export.json`` (what it was made from)."""
     out = Path(out_dir)
+    stack = list(base.base_adapters or [])
+    if adapter_dir and base.base_adapters is None:  # the adapters it was trained on, from its metadata
+        stack = list((read_adapter_metadata(adapter_dir).get("base") or {}).get("base_adapters") or [])
+    check_out_dir(out, base, [*stack, *([adapter_dir] if adapter_dir else [])], overwrite)
     if adapter_dir is None and not base.base_adapters:
         cfg = replace(base, load_in_4bit=False, compute_dtype=dtype, base_adapters=[])
         model = load_base(cfg, training=False)
@@ -62,7 +90,6 @@ def export(base: ModelConfig, adapter_dir: Optional[str], out_dir: str, dtype: s
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(base).save_pretrained(out)
-    (out / "medadapt_export.json").write_text(json.dumps(
-        {"base": asdict(cfg), "adapter": adapter_dir, "dtype": dtype}, indent=2))
+    write_json(out / "medadapt_export.json", {"base": asdict(cfg), "adapter": adapter_dir, "dtype": dtype}, indent=2)
     log.info("exported %s + %s → %s", base.name_or_path, [*cfg.base_adapters, adapter_dir], out)
     return out

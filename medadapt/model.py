@@ -20,6 +20,7 @@ from typing import Literal, Optional, Union
 import torch
 
 from medadapt.attention import ATTENTION, resolve_attention
+from medadapt.files import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,6 @@ class LoraConfig:
     modules_to_save: Optional[list[str]] = None
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEDADAPT_CACHE", Path.home() / ".cache" / "medadapt"))
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         if torch.cuda.is_available():
@@ -175,11 +172,16 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))  # fresh: no link followed
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def from_pretrained(loader, name_or_path: str, **kwargs):
@@ -235,67 +237,131 @@ class AdapterMismatchError(ValueError):
     """An adapter or checkpoint used with a base model (or LoRA shape) it was not trained on."""
 
 
-def write_adapter_metadata(adapter_dir: str, cfg: ModelConfig, lora: Optional[LoraConfig]) -> None:
-    """Record beside an exported adapter which base (and quantization, and base adapters) it was trained on,
-    so evaluation and export rebuild exactly those weights instead of trusting a config to repeat them."""
-    import json
+def base_identity(cfg: ModelConfig) -> str:
+    """The content identity of ``cfg``'s base model (``fingerprint.model_identity``): its files' digest where they
+    are on this machine, else its hub id and revision."""
+    from medadapt.fingerprint import model_identity
 
-    meta = {"base": {k: getattr(cfg, k) for k in TRAINED_ON}, "lora": asdict(lora) if lora else None}
-    Path(adapter_dir, ADAPTER_METADATA).write_text(json.dumps(meta, indent=2))
+    key = cfg.name_or_path
+    local = key.lower() in PACKAGED_MODELS or Path(key).expanduser().exists()
+    return model_identity(key, cfg.revision, Path(resolve_model_path(key)) if local else None)
 
 
-def read_adapter_metadata(adapter_dir: str) -> Optional[dict]:
-    """medadapt's record of an adapter's base, or a minimal one from PEFT's own ``adapter_config.json``."""
-    import json
+def trained_on(cfg: ModelConfig) -> dict:
+    """The record of what a model built from ``cfg`` (settled) is trained against: the TRAINED_ON fields, the base
+    model's content identity and each base adapter's digest, in order. Written beside every exported adapter
+    and into every checkpoint; what reuse and loading compare (never names alone)."""
+    from medadapt.fingerprint import adapter_digest
+
+    return {**{k: getattr(cfg, k) for k in TRAINED_ON}, "base_identity": base_identity(cfg),
+            "base_adapter_digests": [adapter_digest(p) for p in cfg.base_adapters or []]}
+
+
+def write_adapter_metadata(adapter_dir: str, cfg: ModelConfig, lora: Optional[LoraConfig],
+                           record: Optional[dict] = None) -> None:
+    """Record beside an exported adapter what it was trained on (``trained_on``), so evaluation and export rebuild
+    exactly those weights and notice when any of them changed."""
+    from medadapt.files import write_json
+
+    meta = {"base": record or trained_on(cfg), "lora": asdict(lora) if lora else None}
+    write_json(Path(adapter_dir, ADAPTER_METADATA), meta, indent=2)
+
+
+def read_adapter_metadata(adapter_dir: str) -> dict:
+    """medadapt's record of an adapter's base (``foreign: false``), or, for an adapter from elsewhere, the base
+    named in PEFT's own ``adapter_config.json`` (``foreign: true``: quantization and base adapters unknown)."""
+    from medadapt.files import UnreadableFileError, read_json
 
     path = Path(adapter_dir)
     if not (path / "adapter_config.json").exists():
         raise FileNotFoundError(f"no PEFT adapter at {adapter_dir} (adapter_config.json missing); a fit run "
                                 "exports one to <checkpoint dir>/adapter (model.adapter_dir)")
+    peft_cfg = read_json(path / "adapter_config.json", "PEFT adapter config")
     if (path / ADAPTER_METADATA).exists():
-        return json.loads((path / ADAPTER_METADATA).read_text())
-    peft_cfg = json.loads((path / "adapter_config.json").read_text())
+        meta = read_json(path / ADAPTER_METADATA, "adapter metadata")
+        if not isinstance(meta.get("base"), dict):
+            raise UnreadableFileError(f"adapter metadata {path / ADAPTER_METADATA}: no 'base' record (a mapping of "
+                                      "what the adapter was trained on); was it edited?")
+        return {**meta, "foreign": False}
     base = peft_cfg.get("base_model_name_or_path")
-    return {"base": {"name_or_path": base}, "lora": None} if base else None
+    return {"base": {"name_or_path": base} if base else None, "lora": None, "foreign": True}
 
 
 def same_model(a: Optional[str], b: Optional[str]) -> bool:
-    """Whether two model names denote the same weights: equal ids, the same folder, or a local copy of a hub
-    id kept under its own name (``/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B``)."""
+    """Whether two model names denote the same weights by name: equal, or the same folder. (Content is compared
+    separately, through ``base_identity``; a folder that merely ends in the same name is not the same model.)"""
     if a is None or b is None or a == b:
         return a == b
-    pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a.rstrip("/").endswith("/" + b.rstrip("/")) or b.rstrip("/").endswith("/" + a.rstrip("/"))
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _same_paths(a: list[str], b: list[str]) -> bool:
     return [str(Path(x).resolve()) for x in a] == [str(Path(x).resolve()) for x in b]
 
 
-def resolve_model_config(cfg: ModelConfig, trained: Optional[dict], source: str, *, training: bool) -> ModelConfig:
+def check_trained_on(cfg: ModelConfig, trained: dict, source: str) -> None:
+    """``cfg``'s base model and base adapters are, by content, what ``trained`` records (when it records content)."""
+    from medadapt.fingerprint import adapter_digest
+
+    recorded = trained.get("base_identity")
+    if recorded:
+        current = base_identity(cfg)
+        if current != recorded:
+            raise AdapterMismatchError(
+                f"{source} was trained on base model {trained.get('name_or_path')!r} ({recorded[:20]}…), but "
+                f"{cfg.name_or_path!r} holds other weights ({current[:20]}…): an adapter applied to other weights "
+                "(a merged folder, another revision) computes something else; load the base it was trained on")
+    elif trained.get("name_or_path") and not same_model(cfg.name_or_path, trained["name_or_path"]):
+        raise AdapterMismatchError(
+            f"{source} was trained on base model {trained['name_or_path']!r}, but the config loads "
+            f"{cfg.name_or_path!r}; set model.name_or_path to the base it was trained on")
+    for path, digest in zip(cfg.base_adapters or [], trained.get("base_adapter_digests") or []):
+        current = adapter_digest(path)
+        if current != digest:
+            raise AdapterMismatchError(
+                f"{source} was trained on top of base adapter {path} ({digest[:12]}…), which now holds other weights "
+                f"({current[:12]}…): it was retrained or replaced after {source} was made; retrain {source} on it "
+                "(multistep --on_change retrain) or restore the adapter it was trained on")
+
+
+def resolve_model_config(cfg: ModelConfig, trained: Optional[dict], source: str, *, training: bool,
+                         foreign: bool = False) -> ModelConfig:
     """``cfg`` with its open (null) choices settled by how the weights being loaded were trained.
 
-    ``trained`` is the ``base`` record of an adapter's metadata or a checkpoint's model hparams. The base
-    model and base adapters must match it (an adapter on another base is silently wrong, not an error of
-    shapes); the quantization follows it unless the config sets one explicitly, which is logged.
+    ``trained`` is the ``base`` record of an adapter's metadata or a checkpoint. The base model and base adapters
+    must match it by content (``check_trained_on``); the quantization follows it unless the config sets one,
+    which is logged. A ``foreign`` adapter (no medadapt metadata) records neither quantization nor base adapters:
+    the config must state both, or the adapter would be scored on guessed weights.
     """
     if trained is None:
         return replace(cfg, base_adapters=list(cfg.base_adapters or []),
                        load_in_4bit=training if cfg.load_in_4bit is None else cfg.load_in_4bit)
-    if trained.get("name_or_path") and not same_model(cfg.name_or_path, trained["name_or_path"]):
-        raise AdapterMismatchError(
-            f"{source} was trained on base model {trained['name_or_path']!r}, but the config loads "
-            f"{cfg.name_or_path!r}; set model.name_or_path to the base it was trained on")
     if cfg.revision is not None and trained.get("revision") not in (None, cfg.revision):
         raise AdapterMismatchError(f"{source} was trained on revision {trained['revision']!r}, not {cfg.revision!r}")
+    if foreign:
+        stated = cfg.load_in_4bit is not None and cfg.base_adapters is not None
+        if trained.get("name_or_path") and not same_model(cfg.name_or_path, trained["name_or_path"]):
+            if not stated:
+                raise AdapterMismatchError(
+                    f"{source} was trained on base model {trained['name_or_path']!r} (its adapter_config.json), but "
+                    f"the config loads {cfg.name_or_path!r}; load that base, or, if it is a copy of it, say how the "
+                    "adapter was trained (model.load_in_4bit, model.base_adapters)")
+            log.warning("%s names base %r; loading it on %r as configured", source, trained["name_or_path"],
+                        cfg.name_or_path)
+        if not stated:
+            raise AdapterMismatchError(
+                f"{source} has no {ADAPTER_METADATA}: how it was trained (4-bit or not, adapters stacked under it) "
+                "is unknown, and guessing scores other weights than were trained; say so with model.load_in_4bit "
+                "(true for QLoRA) and model.base_adapters ([] for none)")
+        return replace(cfg, base_adapters=list(cfg.base_adapters))
     trained_adapters = list(trained.get("base_adapters") or [])
     if cfg.base_adapters is not None and not _same_paths(cfg.base_adapters, trained_adapters):
         raise AdapterMismatchError(f"{source} was trained on top of base adapters {trained_adapters}, but the config "
                                    f"stacks {cfg.base_adapters}; leave model.base_adapters null to use its own")
     out = replace(cfg, base_adapters=trained_adapters, revision=cfg.revision or trained.get("revision"))
-    if "load_in_4bit" not in trained:  # an adapter from elsewhere: nothing recorded about quantization
+    check_trained_on(out, trained, source)
+    if "load_in_4bit" not in trained:  # an old record: nothing about quantization
         return replace(out, load_in_4bit=training if cfg.load_in_4bit is None else cfg.load_in_4bit)
     if cfg.load_in_4bit is None:
         return replace(out, load_in_4bit=trained["load_in_4bit"], quant_type=trained.get("quant_type", cfg.quant_type),
@@ -381,7 +447,12 @@ def add_adapter(model, adapter_dir: str, name: str, *, trainable: bool):
     and every layer its tensor (peft only warns, and a half-applied adapter scores like a broken model)."""
     from peft import PeftConfig, PeftModel
 
-    read_adapter_metadata(adapter_dir)  # a clear error when the folder holds no adapter
+    from medadapt.files import check_safetensors
+
+    read_adapter_metadata(adapter_dir)  # a clear error when the folder holds no adapter, or unreadable records
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if weights.exists():
+        check_safetensors(weights, "adapter weights")  # a cut file names itself here, not deep inside peft
     config = PeftConfig.from_pretrained(adapter_dir)
     config.inference_mode = not trainable
     try:
@@ -433,8 +504,12 @@ def load_model(cfg: ModelConfig, lora: Optional[LoraConfig] = None, *, adapter: 
 
 def check_base_adapter(path: str, cfg: ModelConfig, below: list[str]) -> None:
     """A base adapter must have been trained on this base model, on top of the adapters stacked below it."""
-    meta = (read_adapter_metadata(path) or {}).get("base") or {}
-    if meta.get("name_or_path") and not same_model(meta["name_or_path"], cfg.name_or_path):
+    meta = read_adapter_metadata(path).get("base") or {}
+    if meta.get("base_identity"):
+        check_trained_on(replace(cfg, base_adapters=below), {**meta, "base_adapter_digests":
+                                                             meta.get("base_adapter_digests") or []},
+                         f"base adapter {path}")
+    elif meta.get("name_or_path") and not same_model(meta["name_or_path"], cfg.name_or_path):
         raise AdapterMismatchError(f"base adapter {path} was trained on {meta['name_or_path']!r}, not {cfg.name_or_path!r}")
     if "base_adapters" in meta and not _same_paths(meta["base_adapters"] or [], below):
         raise AdapterMismatchError(f"base adapter {path} was trained on top of {meta['base_adapters']}, but is "

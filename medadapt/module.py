@@ -19,9 +19,9 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from medadapt.checkpoints import checked_local, checked_lora, checkpoint_record, record_of
-from medadapt.model import (TRAINED_ON, LoraConfig, ModelConfig, load_model, load_tokenizer, read_adapter_metadata,
-                            resolve_model_config, unwrapped, write_adapter_metadata)
+from medadapt.checkpoints import checked_lora, checkpoint_record, load_checkpoint, record_of
+from medadapt.model import (AdapterMismatchError, LoraConfig, ModelConfig, load_model, load_tokenizer,
+                            read_adapter_metadata, resolve_model_config, trained_on, unwrapped, write_adapter_metadata)
 from medadapt.attention import VARLEN, flex_bucket
 from medadapt.loss import chunked_cross_entropy
 from medadapt.optim import OptimConfig, resolve_warmup, use_fused, warmup_cosine
@@ -97,21 +97,32 @@ class CausalLMModule(L.LightningModule):
         self._load(cfg, lora, training)
 
     def settle(self, record: Optional[dict], source: str, *, training: bool) -> tuple[ModelConfig, Optional[LoraConfig]]:
-        """The model config and LoRA to build, given what a checkpoint (``record``) was trained with."""
-        trained, lora = None, self.lora_cfg
+        """The model config and LoRA to build, given what a checkpoint (``record``) was trained with.
+
+        With both an adapter and a checkpoint, the checkpoint must have been trained from that very adapter
+        (by content): its tensors replace the adapter's, and its own base adapters would otherwise be dropped."""
+        trained, lora, foreign = None, self.lora_cfg, False
         if self.init_adapter_path:
-            meta = read_adapter_metadata(self.init_adapter_path) or {}
-            trained, source, lora = meta.get("base"), f"adapter {self.init_adapter_path}", None
+            from medadapt.fingerprint import adapter_digest
+
+            meta = read_adapter_metadata(self.init_adapter_path)
+            if record is not None and record.get("init_adapter_digest") != adapter_digest(self.init_adapter_path):
+                raise AdapterMismatchError(
+                    f"{source} was not trained from adapter {self.init_adapter_path} (its record names "
+                    f"{'another adapter' if record.get('init_adapter_digest') else 'none'}): give the checkpoint "
+                    "alone (model.init_adapter: null), or the adapter alone")
+            trained, source, lora, foreign = meta["base"], f"adapter {self.init_adapter_path}", None, meta["foreign"]
         elif record is not None:
             trained, lora = record["base"], checked_lora(self.lora_cfg, record["lora"], source)
         elif not training:
             lora = None  # evaluating the plain base: a fresh (zero) LoRA would change nothing
-        return resolve_model_config(self.model_cfg, trained, source, training=training), lora
+        return resolve_model_config(self.model_cfg, trained, source, training=training, foreign=foreign), lora
 
     def _load(self, cfg: ModelConfig, lora: Optional[LoraConfig], training: bool) -> None:
         self.model = load_model(cfg, lora, adapter=self.init_adapter_path, training=training)
         self.resolved_model_cfg, self.lora_used, self.built_for_training = cfg, lora, training
         self._checkpointing_pending = training and cfg.gradient_checkpointing == "auto"
+        self.trained_record = trained_on(cfg) if training else None  # what checkpoints and the adapter record
         if training and rank_zero():
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in self.model.parameters())
@@ -242,12 +253,13 @@ class CausalLMModule(L.LightningModule):
     # ---- test: leaderboard benchmarks -------------------------------------------------------------
     def on_test_start(self) -> None:
         """Hold the results folder for this run (rank 0 decides, every rank learns it before any work)."""
-        from medadapt.eval.report import lock_results
+        from medadapt.eval.report import lock_results, set_aside_previous
 
         self._results_lock, error = None, None
         if self.trainer.is_global_zero:
             try:
                 self._results_lock = lock_results(self.hparams.results_dir)
+                set_aside_previous(self.hparams.results_dir)
             except RuntimeError as e:
                 error = str(e)
         error = self.trainer.strategy.broadcast(error)
@@ -276,7 +288,8 @@ class CausalLMModule(L.LightningModule):
             self.harness.generate_deferred(self._serve_with_vllm)
         meta = {"model": asdict(self.resolved_model_cfg), "lora": asdict(self.lora_used) if self.lora_used else None,
                 "adapter": self.init_adapter_path, "ckpt_path": self.trainer.ckpt_path,
-                "seconds": round(time.perf_counter() - self._test_started, 3)}  # the test epoch, start-up excluded
+                "seconds": round(time.perf_counter() - self._test_started, 3),  # the test epoch, start-up excluded
+                "vllm_python": getattr(self, "vllm_interpreter", None)}  # the interpreter that ran, if vLLM did
         summary = self.harness.finish(self.trainer.strategy, meta, self.hparams.results_dir)
         for task, m in summary["tasks"].items():
             metrics = {f"test/{task}/acc": m["acc"], f"test/{task}/acc_norm": m["acc_norm"]}
@@ -308,7 +321,8 @@ class CausalLMModule(L.LightningModule):
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            return vllm_backend.generate(self.tokenizer, rows, generation, model_dir, lora, dtype)
+            self.vllm_interpreter = vllm_backend.vllm_python(generation.vllm_python)  # recorded in results.json
+            return vllm_backend.generate(self.tokenizer, rows, generation, model_dir, lora, dtype, self.vllm_interpreter)
 
     # ---- optimizer ---------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -334,6 +348,9 @@ class CausalLMModule(L.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = resolve_warmup(cfg, total)
         log.info("schedule: %d optimizer steps, %d of warmup (%.1f%%)", total, warmup, 100 * warmup / total)
+        self.schedule = {"total": total, "warmup": warmup}
+        check_resumed_schedule(getattr(self, "_resumed", None), self.schedule, cfg.lr,
+                               warmup_cosine(warmup, total, cfg.min_lr_ratio))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, cfg.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -359,8 +376,13 @@ class CausalLMModule(L.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # what the tensors were trained on, settled (the hparams hold the config, with its open choices)
-        checkpoint["medadapt"] = {"base": {k: getattr(self.resolved_model_cfg, k) for k in TRAINED_ON},
-                                  "lora": asdict(self.lora_used) if self.lora_used else None}
+        from medadapt.fingerprint import adapter_digest
+
+        checkpoint["medadapt"] = {"base": self.trained_record or trained_on(self.resolved_model_cfg),
+                                  "lora": asdict(self.lora_used) if self.lora_used else None,
+                                  "init_adapter_digest": adapter_digest(self.init_adapter_path)
+                                  if self.init_adapter_path else None,
+                                  "schedule": getattr(self, "schedule", None)}
         checkpoint["rng"] = {"cpu": self._gather_rng(torch.get_rng_state())}
         if torch.cuda.is_available() and self.device.type == "cuda":
             checkpoint["rng"]["cuda"] = self._gather_rng(torch.cuda.get_rng_state(self.device))
@@ -376,12 +398,21 @@ class CausalLMModule(L.LightningModule):
         cfg, lora = self.settle(record_of(checkpoint), "checkpoint", training=bool(self.built_for_training))
         if (cfg, lora) != (self.resolved_model_cfg, self.lora_used):
             self._load(cfg, lora, bool(self.built_for_training))
-        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        params = dict(self.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
         missing = expected - set(checkpoint["state_dict"])
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}; "
                                "was it written with another LoRA configuration?")
+        shapes = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in checkpoint["state_dict"].items()
+                  if n in params and tuple(t.shape) != tuple(params[n].shape)]
+        if shapes:
+            n, got, want = shapes[0]
+            raise AdapterMismatchError(f"checkpoint holds {len(shapes)} tensors of other shapes than this model's "
+                                       f"LoRA (e.g. {n}: {list(got)} vs {list(want)}): it was trained with another "
+                                       "rank or target modules; load it without a conflicting adapter or LoRA setting")
         self._resumed_rng = checkpoint.get("rng")
+        self._resumed = {"schedule": record_of(checkpoint).get("schedule"), "step": checkpoint.get("global_step", 0)}
 
     def on_train_start(self) -> None:
         rng, self._resumed_rng = getattr(self, "_resumed_rng", None), None
@@ -401,7 +432,7 @@ class CausalLMModule(L.LightningModule):
             # only the trained adapter: base adapters stay in their own folders, named by the metadata
             self.model.save_pretrained(path, safe_serialization=True, selected_adapters=["default"])
             self.tokenizer.save_pretrained(path)
-            write_adapter_metadata(path, self.resolved_model_cfg, self.lora_used)
+            write_adapter_metadata(path, self.resolved_model_cfg, self.lora_used, self.trained_record)
             log.info("exported PEFT adapter to %s", path)
         self.trainer.strategy.barrier()
 
@@ -413,6 +444,24 @@ class CausalLMModule(L.LightningModule):
         return str(Path(base) / "adapter")
 
 
+def check_resumed_schedule(resumed: Optional[dict], schedule: dict, lr: float, factor) -> None:
+    """A resumed run says what its schedule does: nothing left to train is an error (it would "train" at the ended
+    cosine's learning rate and report success); a schedule that changed since the checkpoint is logged with the
+    learning rate the run continues at."""
+    if not resumed:
+        return
+    step, before = resumed["step"], resumed.get("schedule")
+    if step >= schedule["total"]:
+        raise ValueError(f"the checkpoint is at optimizer step {step} and this run's schedule ends at step "
+                         f"{schedule['total']}: nothing is left to train. Raise trainer.max_steps/max_epochs and "
+                         "start over (--overwrite true), or evaluate the checkpoint")
+    if before and before != schedule:
+        log.warning("resuming at step %d of a schedule planned for %d steps (%d warmup); this run plans %d (%d "
+                    "warmup): from here the learning rate follows the new schedule (%.3g now, not the old %.3g)",
+                    step, before["total"], before["warmup"], schedule["total"], schedule["warmup"], lr * factor(step),
+                    lr * warmup_cosine(before["warmup"], before["total"])(step))
+
+
 def load_for_inference(model: ModelConfig, lora: Optional[LoraConfig] = None, init_adapter: Optional[str] = None,
                        ckpt_path: Optional[str] = None) -> CausalLMModule:
     """The module with its weights ready to generate outside a Trainer (``ask``): base model, an
@@ -420,7 +469,7 @@ def load_for_inference(model: ModelConfig, lora: Optional[LoraConfig] = None, in
     module = CausalLMModule(model=model, lora=lora, init_adapter=init_adapter)
     module.build_model(training=False, ckpt_path=ckpt_path)
     if ckpt_path:
-        checkpoint = torch.load(checked_local(ckpt_path), map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(ckpt_path, mmap=False)
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"], strict=False)
     module.model.eval()

@@ -18,6 +18,8 @@ LAYERS = {
     "medadapt.optim": 0,
     "medadapt.loss": 0,
     "medadapt.attention": 0,
+    "medadapt.files": 0,
+    "medadapt.fingerprint": 0,
     "medadapt.weights": 1,
     "medadapt.checkpoints": 1,
     "medadapt.checkpointing": 1,

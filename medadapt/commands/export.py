@@ -28,6 +28,8 @@ def build_parser():
     p.add_argument("--dtype", type=Literal["bfloat16", "float16", "float32"], default="bfloat16",
                    help="dtype of the written weights")
     p.add_argument("--trust_remote_code", type=bool, default=False, help="run modelling code shipped with the base")
+    p.add_argument("--overwrite", type=bool, default=False,
+                   help="--out may hold files: they are removed first (never the base or adapter folders being read)")
     return p
 
 
@@ -36,11 +38,12 @@ def main(argv: list[str]) -> None:
     from medadapt.model import ModelConfig, read_adapter_metadata
 
     args = build_parser().parse_args(argv)
-    if args.trained_in_4bit is None and args.adapter and "load_in_4bit" not in (
-            (read_adapter_metadata(args.adapter) or {}).get("base") or {}):
+    foreign = bool(args.adapter) and read_adapter_metadata(args.adapter)["foreign"]
+    if args.trained_in_4bit is None and foreign:
         raise SystemExit(f"{args.adapter} does not record how it was trained (no medadapt_adapter.json): "
                          "say --trained_in_4bit true (QLoRA) or false")
     base = ModelConfig(name_or_path=args.base, load_in_4bit=args.trained_in_4bit, quant_type=args.quant_type,
-                       double_quant=args.double_quant, trust_remote_code=args.trust_remote_code)
-    out = export(base, args.adapter, args.out, args.dtype)
+                       double_quant=args.double_quant, trust_remote_code=args.trust_remote_code,
+                       base_adapters=[] if foreign else None)  # an adapter from elsewhere: nothing stacked under it
+    out = export(base, args.adapter, args.out, args.dtype, overwrite=args.overwrite)
     print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")

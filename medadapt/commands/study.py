@@ -7,19 +7,21 @@ returns each chain's adapter folder), ``test`` once per method on the same seede
 config with a method's own layer on top: ``<work_dir>/configs/test-<method>.yaml``, written from typed
 configs), then ``compare`` (table with 95% CIs, paired McNemar tests against the baseline, chart). Every
 step reuses what a previous run built: the index skips embedded documents, finished training stages are
-skipped (unfinished ones resume), and a method whose ``results.json`` the same test command produced is
-not re-evaluated. Swapping the demo configs for the full-size ones (configs/study.yaml) is the whole
+skipped (unfinished ones resume; changed ones are an error or retrained, ``--on_change``), and a method is
+re-evaluated unless its ``results.json`` came from the same test command on the same weights and items (content
+digests: a retrained adapter is noticed though its folder kept its name). Swapping the demo configs for the full-size ones (configs/study.yaml) is the whole
 difference between the laptop demo and the GPU study.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import yaml
+
+from medadapt.files import UnreadableFileError, read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 METHODS = ["base", "rag", "sft", "cpt_sft", "sft_rag"]
@@ -49,6 +51,8 @@ def build_parser():
                    help="the RAG arms' budget for retrieved snippets, in the evaluated model's tokens")
     p.add_argument("--shared_data", type=Optional[str], default="../shared/data",
                    help="offline data the demo configs read; when absent, every step reads the hub instead")
+    p.add_argument("--on_change", type=Literal["error", "retrain"], default="error",
+                   help="a trained stage whose config, arguments, base or data changed: error, or retrain it")
     return p
 
 
@@ -74,13 +78,13 @@ def step(name: str, work) -> object:
     return result
 
 
-def train(chain: str, stages: list, work: Path) -> str:
+def train(chain: str, stages: list, work: Path, on_change: str = "error") -> str:
     """Run a chain of fits, one line per stage; the final stage's adapter folder (its metadata names the base
     adapters). Each stage's output is in ``<work_dir>/logs/<chain>-<stage>.log``."""
     from medadapt.commands.multistep import run
 
     done = step(f"train {chain} ({' → '.join(s.name for s in stages)})",
-                lambda: run(stages, str(work / chain), log_dir=work / "logs"))
+                lambda: run(stages, str(work / chain), log_dir=work / "logs", on_change=on_change))
     for stage in done:
         print(f"study:   {chain}/{stage['stage']}: {stage['outcome']} → {stage['adapter']}", flush=True)
     return done[-1]["adapter"]
@@ -100,17 +104,56 @@ def method_config(method: str, adapters: dict[str, str], rag, in_4bit: bool, res
     return cfg
 
 
+def scored_fingerprint(adapter: Optional[str], shared: Optional[str]) -> dict:
+    """What an evaluation scores, by content: the adapter (and, through its metadata, the base and the adapters
+    under it) and the local benchmark files."""
+    from medadapt.fingerprint import adapter_digest, files_digest
+    from medadapt.model import read_adapter_metadata
+
+    out: dict = {"adapter": None, "trained_on": None, "benchmarks": None}
+    if adapter:
+        out["adapter"] = adapter_digest(adapter)
+        base = read_adapter_metadata(adapter).get("base") or {}
+        out["trained_on"] = {k: base.get(k) for k in ("base_identity", "base_adapter_digests")}
+    bench = Path(shared) / "benchmarks" if shared else None
+    if bench is not None and bench.is_dir():
+        out["benchmarks"] = files_digest(bench, ["*", "*/*"])
+    return out
+
+
+def current_result(results: Path, command: dict) -> bool:
+    """Whether ``results`` holds what ``command`` would produce: the same command on the same content."""
+    done = results / "study_command.json"
+    if not (results / "results.json").exists() or not done.exists():
+        return False
+    try:
+        return read_json(done, "study record") == command
+    except UnreadableFileError as e:
+        log.warning("%s; evaluating again", e)
+        return False
+
+
 def run_study(a) -> Path:
+    from medadapt.commands.multistep import lock_work_dir
+
+    unknown = set(a.methods) - set(METHODS)
+    if unknown or a.baseline not in a.methods:
+        raise ValueError(f"methods must be among {METHODS} and include the baseline {a.baseline!r}")
+    work = Path(a.work_dir)
+    lock = lock_work_dir(work)
+    try:
+        return study_steps(a, work)
+    finally:
+        lock.release()
+
+
+def study_steps(a, work: Path) -> Path:
     from medadapt.commands.multistep import Stage, launch
     from medadapt.commands.rag import build_parser as rag_parser
     from medadapt.commands.rag import index_main
     from medadapt.eval.compare import main as compare
     from medadapt.rag.context import RagArmConfig
 
-    unknown = set(a.methods) - set(METHODS)
-    if unknown or a.baseline not in a.methods:
-        raise ValueError(f"methods must be among {METHODS} and include the baseline {a.baseline!r}")
-    work = Path(a.work_dir)
     hub = hub_overrides(a.shared_data)
     train_args = list(a.train_args) + hub["fit"]
     rag = None
@@ -122,23 +165,25 @@ def run_study(a) -> Path:
         step("index", lambda: index_main(index_args))  # in-process: indexing never launches DDP workers
     adapters = {}
     if {"sft", "sft_rag"} & set(a.methods):
-        adapters["sft"] = train("sft", [Stage("sft", a.sft_config, train_args)], work)
+        adapters["sft"] = train("sft", [Stage("sft", a.sft_config, train_args)], work, a.on_change)
     if "cpt_sft" in a.methods:
         adapters["cpt_sft"] = train("cpt_sft", [Stage("cpt", a.cpt_config, train_args),
-                                                Stage("sft", a.sft_config, train_args, from_previous=True)], work)
+                                                Stage("sft", a.sft_config, train_args, from_previous=True)], work,
+                                    a.on_change)
     runs = []
     for method in a.methods:
         results = work / "results" / method
         layer = method_config(method, adapters, rag, a.eval_in_4bit, results)
         layer_path = work / "configs" / f"test-{method}.yaml"
         args = ["test", "--config", a.eval_config, "--config", str(layer_path), *a.eval_args, *hub["test"]]
-        done = results / "study_command.json"  # reuse a result only if the same command produced it
-        command = {"args": args, "config": layer}
-        if not (results / "results.json").exists() or not done.exists() or json.loads(done.read_text()) != command:
-            layer_path.parent.mkdir(parents=True, exist_ok=True)
-            layer_path.write_text(yaml.safe_dump(layer, sort_keys=False))
+        # reuse a result only if the same command scored the same content
+        command = {"args": args, "config": layer, "scored": scored_fingerprint(layer["model"]["init_adapter"],
+                                                                              a.shared_data)}
+        if not current_result(results, command):
+            write_atomic(layer_path, yaml.safe_dump(layer, sort_keys=False))
+            (results / "study_command.json").unlink(missing_ok=True)
             step(f"evaluate {method}", lambda: launch(args, work / "logs" / f"test-{method}.log"))
-            done.write_text(json.dumps(command))
+            write_json(results / "study_command.json", command)
         else:
             print(f"study: evaluate {method}: reused {results / 'results.json'}", flush=True)
         runs.append(f"{method}={results}")
@@ -147,6 +192,9 @@ def run_study(a) -> Path:
 
 
 def main(argv: list[str]) -> None:
+    from medadapt.commands.multistep import terminate_on_sigterm
+
     p = build_parser()
     args = p.parse_args(argv)
+    terminate_on_sigterm()
     run_study(p.instantiate_classes(args))

@@ -12,13 +12,70 @@ import math
 from pathlib import Path
 
 from medadapt.eval.report import Z95
+from medadapt.files import write_atomic
+
+
+class IncomparableRunsError(ValueError):
+    """Runs that cannot be put in one table: another mode or protocol, or files that disagree."""
 
 
 def load_run(directory: str) -> tuple[dict, dict]:
+    """A run's results.json and its per-item correctness from predictions.jsonl; each task's accuracy is recomputed
+    from the predictions and must equal what results.json says (an edited or mixed-up file is refused)."""
+    from medadapt.files import UnreadableFileError, read_json
+
     d = Path(directory)
-    results = json.loads((d / "results.json").read_text())
-    preds = {(r["task"], r["id"]): r["acc"] for r in map(json.loads, open(d / "predictions.jsonl"))}
+    if not d.is_dir():
+        raise FileNotFoundError(f"run folder {d} not found (compare takes test-stage results_dir folders)")
+    results = read_json(d / "results.json", "results")
+    if not isinstance(results.get("tasks"), dict):
+        raise UnreadableFileError(f"results {d / 'results.json'}: no 'tasks' record; is this a test-stage results.json?")
+    preds, sums = {}, {}
+    with open(d / "predictions.jsonl", encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            try:
+                r = json.loads(line)
+                key, ok = (r["task"], r["id"]), float(r["acc"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise UnreadableFileError(f"predictions {d / 'predictions.jsonl'}: line {number} is not a prediction "
+                                          "record (task, id, acc)") from None
+            preds[key] = ok
+            sums.setdefault(key[0], []).append(ok)
+    for task, m in results["tasks"].items():
+        got = sum(sums.get(task, [])) / len(sums[task]) if sums.get(task) else None
+        if got is None or abs(got - m.get("acc", -1)) > 1e-9 or len(sums[task]) != m.get("n"):
+            raise IncomparableRunsError(
+                f"{d}: results.json says {task} acc {m.get('acc')} over {m.get('n')} items, its predictions.jsonl gives "
+                f"{got} over {len(sums.get(task, []))}: the two files do not belong together (edited, or mixed up)")
     return results, preds
+
+
+def protocol(results: dict) -> dict:
+    """How a run asked and read its answers: the mode and, in generative mode, the sampling protocol."""
+    data = results.get("data") or {}
+    gen = data.get("generation") or {}
+    keys = ("temperature", "top_p", "samples", "max_new_tokens", "answer_budget", "open_think", "instruction")
+    return {"mode": data.get("mode", "loglikelihood"), **{k: gen.get(k) for k in keys if k in gen}}
+
+
+def check_comparable(runs: dict[str, tuple[dict, dict]]) -> None:
+    protocols = {name: protocol(results) for name, (results, _) in runs.items()}
+    if len({json.dumps(p, sort_keys=True) for p in protocols.values()}) > 1:
+        listed = "; ".join(f"{n}: {p}" for n, p in protocols.items())
+        raise IncomparableRunsError(f"these runs asked and read answers differently ({listed}): a paired test between "
+                                    "them measures the protocol, not the method. Compare runs of one protocol, or "
+                                    "--allow_mixed true to put them in one table anyway")
+
+
+def run_spec(spec: str) -> tuple[str, str]:
+    """``DIR`` (named by its folder) or ``NAME=DIR``; an existing folder is a folder whatever its name holds
+    (``runs/lr=2e-4``)."""
+    if Path(spec).is_dir() or "=" not in spec:
+        return Path(spec).name, spec
+    name, _, directory = spec.partition("=")
+    if not name or "/" in name:
+        raise SystemExit(f"{spec!r} is neither a results folder nor NAME=DIR")
+    return name, directory
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -138,6 +195,8 @@ def build_parser():
     p.add_argument("--baseline", type=Optional[str], default=None,
                    help="the run the paired tests compare against (default: the first)")
     p.add_argument("--out", type=str, default="results/comparison", help="writes OUT.md and OUT.png")
+    p.add_argument("--allow_mixed", type=bool, default=False,
+                   help="put runs of different modes or generation protocols in one table (marked) instead of refusing")
     return p
 
 
@@ -145,7 +204,7 @@ def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     runs, chance = {}, {}
     for spec in args.runs:
-        name, _, directory = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
+        name, directory = run_spec(spec)
         if name in runs:
             raise SystemExit(f"two runs are named {name!r}: name them NAME=DIR so each is its own row")
         runs[name] = load_run(directory)
@@ -153,11 +212,18 @@ def main(argv: list[str]) -> None:
     baseline = args.baseline or next(iter(runs))
     if baseline not in runs:
         raise SystemExit(f"--baseline {baseline!r} is not among the runs {list(runs)}")
-    table = build_table(runs, baseline)
+    mixed = []
+    try:
+        check_comparable(runs)
+    except IncomparableRunsError as e:
+        if not args.allow_mixed:
+            raise
+        mixed = [f"**WARNING (--allow_mixed): {e}**", ""]
+    table = "\n".join(mixed) + build_table(runs, baseline)
     out = Path(args.out)
     md, png = out.with_name(out.name + ".md"), out.with_name(out.name + ".png")  # "run1.5" stays run1.5.md
     out.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(table)
+    write_atomic(md, table)
     chart(runs, png, chance)
     print(table)
     print(f"wrote {md} and {png}")

@@ -90,15 +90,29 @@ def _options(task: CustomTask, row: dict[str, Any], where: str) -> list:
                              f"{'missing' if raw is None else type(raw).__name__}, not a list or a dict of options")
 
 
+def _auto_format(task: CustomTask, answer: Any, options: list[str], where: str) -> str:
+    """How ``answer_format: auto`` reads this answer; an answer that two readings would map to different options
+    (options that are themselves letters or numbers) is an error naming the row, field and setting."""
+    readings = {}
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        readings["index"] = answer
+    elif isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in OPTION_LETTERS[: len(options)]:
+        readings["letter"] = OPTION_LETTERS.index(answer.strip().upper())
+    texts = [i for i, o in enumerate(options) if o.strip().lower() == str(answer).strip().lower()]
+    if len(texts) == 1:
+        readings["text"] = texts[0]
+    if len(set(readings.values())) > 1:
+        raise MalformedItemError(
+            f"{where}: field {task.answer_field!r} = {answer!r} reads as " + ", ".join(
+                f"option {OPTION_LETTERS[i] if 0 <= i < len(options) else i} as {k}" for k, i in readings.items())
+            + f": ambiguous; set the task's answer_format to {' or '.join(repr(k) for k in readings)}")
+    return next(iter(readings), "text")
+
+
 def _gold(task: CustomTask, answer: Any, options: list[str], where: str) -> int:
     fmt = task.answer_format
     if fmt == "auto":
-        if isinstance(answer, int) and not isinstance(answer, bool):
-            fmt = "index"
-        elif isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in OPTION_LETTERS:
-            fmt = "letter"
-        else:
-            fmt = "text"
+        fmt = _auto_format(task, answer, options, where)
     try:
         if fmt == "letter":
             gold = OPTION_LETTERS.index(str(answer).strip().upper())
@@ -121,7 +135,7 @@ def load_custom(task: CustomTask) -> list[Item]:
 
     source = describe_source(task.dataset or "", task.data_files)
     rows = load_rows(task.dataset or "", task.subset, task.split, task.data_files, task.revision)
-    items, bad = [], []
+    items, bad, ids = [], [], {}
     for i, row in enumerate(rows):
         key = str(row.get(task.id_field)) if task.id_field and row.get(task.id_field) is not None else str(i)
         where = f"{source}: row {i}"
@@ -132,10 +146,20 @@ def load_custom(task: CustomTask) -> list[Item]:
             options = _options(task, row, where)
             if not 2 <= len(options) <= len(OPTION_LETTERS):
                 raise MalformedItemError(f"{where}: {len(options)} options; a task has 2 to {len(OPTION_LETTERS)}")
+            seen: dict[str, str] = {}
             for letter, option in zip(OPTION_LETTERS, options):
                 if not isinstance(option, str) or not option.strip():
                     raise MalformedItemError(f"{where}: option {letter} is missing or empty")
+                norm = " ".join(option.lower().split())
+                if norm in seen:  # two identical options: whichever is gold, the other is as right
+                    raise MalformedItemError(f"{where}: options {seen[norm]} and {letter} are the same text "
+                                             f"({option.strip()!r})")
+                seen[norm] = letter
             gold = _gold(task, row.get(task.answer_field), options, where)
+            if key in ids:
+                raise MalformedItemError(f"{where}: id {key!r} (field {task.id_field!r}) is also row {ids[key]}'s: "
+                                         "ids must be unique, or two items merge into one")
+            ids[key] = i
         except MalformedItemError as e:
             if task.on_bad_row == "error":
                 raise

@@ -18,6 +18,8 @@ from medadapt.eval.tasks import TASKS, Item, load_task, select
 from medadapt.rag.context import RagArmConfig
 
 log = logging.getLogger(__name__)
+#: the shortest prompt budget accepted: the templates' own tokens plus a question worth scoring
+MIN_LENGTH = 64
 
 
 class BenchmarkDataModule(L.LightningDataModule):
@@ -33,7 +35,10 @@ class BenchmarkDataModule(L.LightningDataModule):
             harness's ``--limit`` does (use it to compare against an lm-eval run item by item).
         seed: Seed of the ``sample`` draw.
         batch_size: Questions per forward batch (questions are sorted by length to limit padding).
-        max_length: Inputs longer than this are left-truncated, as lm-eval does at the model length.
+        max_length: The prompt budget in tokens (at least 64). Log-likelihood inputs longer than this are cut from
+            the left, as lm-eval does at the model length, counted per task in results.json
+            (``truncated_prompts``) and logged; a generative prompt longer than this is an error (cutting a chat
+            prompt from the left would remove its template).
         tokenizer: Tokenizer name or path; null takes the model's.
         num_workers: DataLoader worker processes.
         mode: ``loglikelihood`` scores each choice as lm-eval does (the leaderboard's numbers);
@@ -68,6 +73,14 @@ class BenchmarkDataModule(L.LightningDataModule):
         allow_partial: bool = False,
     ):
         super().__init__()
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"data.limit must be a whole number ≥ 1, or null for the full sets (got {limit!r}); "
+                             "a run that scores nothing would leave no results")
+        if not isinstance(max_length, int) or max_length < MIN_LENGTH:
+            raise ValueError(f"data.max_length must be at least {MIN_LENGTH} tokens (got {max_length!r}): it is the "
+                             "prompt's budget, and a shorter one leaves the question out")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"data.batch_size must be ≥ 1 and num_workers ≥ 0 (got {batch_size}, {num_workers})")
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; choose from {TASKS}")
@@ -110,10 +123,28 @@ class BenchmarkDataModule(L.LightningDataModule):
             from medadapt.rag.context import with_context
 
             self.items = with_context(self.items, self.rag, self.tokenizer)
+        if not self.items:
+            raise ValueError("no benchmark items to evaluate (no tasks and no custom tasks)")
         if h.mode == "generate":
             encoded = [[gen_row(self.tokenizer, it, self.generation)] for it in self.items]
+            long = sorted(((len(r.input_ids), r.item) for (r,) in encoded if len(r.input_ids) > h.max_length),
+                          key=lambda x: -x[0])
+            if long:
+                n, item = long[0]
+                raise ValueError(
+                    f"{len(long)} generative prompts are longer than data.max_length={h.max_length} (the longest, "
+                    f"{item.task} item {item.id}, has {n} tokens): cutting a chat prompt from the left would remove "
+                    "its template; raise data.max_length (within the model's context, with max_new_tokens) or "
+                    "evaluate those tasks in log-likelihood mode")
         else:
             encoded = [item_rows(self.tokenizer, it, h.max_length) for it in self.items]
+            self.truncated = {}
+            for rows in encoded:
+                if any(r.cut for r in rows):
+                    self.truncated[rows[0].item.task] = self.truncated.get(rows[0].item.task, 0) + 1
+            for task, n in self.truncated.items():
+                log.warning("%s: %d prompts longer than data.max_length=%d were cut from the left (as lm-eval does at "
+                            "the model length); results.json counts them", task, n, h.max_length)
         # longest first, as lm-eval orders requests: padding stays small and a memory error shows at once
         self.encoded = sorted(encoded, key=lambda rows: -max(len(r.input_ids) for r in rows))
         log.info("%d benchmark items (%s), %d forward rows", len(self.items),
@@ -129,6 +160,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         out["rag"] = asdict(self.rag) if self.rag is not None else None
         out["custom_tasks"] = [asdict(t) for t in self.custom_tasks]
         out["items_available"] = dict(getattr(self, "available", {}))
+        out["truncated_prompts"] = dict(getattr(self, "truncated", {}))
         return out
 
     def test_dataloader(self):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from medadapt.eval.tasks import TASKS, Item, load_task
+from medadapt.files import write_json
 
 log = logging.getLogger(__name__)
 WORD = re.compile(r"\w+")
@@ -134,7 +135,7 @@ def main(argv: list[str]) -> None:
               "findings": [asdict(f) for f in findings]}
     out = Path(args.report)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    write_json(out, report, indent=2, ensure_ascii=False)
     print(f"{len(findings)} of {len(rows)} rows of {source} overlap a benchmark question "
           f"({args.ngram}-grams, threshold {args.threshold}): {dict(per_task) or 'none'}")
     for f in findings:

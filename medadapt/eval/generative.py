@@ -69,10 +69,23 @@ class GenerationConfig:
     vllm_engine_args: Optional[dict] = None
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.max_new_tokens < 1 or self.answer_budget < 0:
-            raise ValueError("generation.samples and max_new_tokens must be ≥ 1 and answer_budget ≥ 0")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("generation.temperature must be ≥ 0 and top_p in (0, 1]")
+        import math
+
+        problems = []
+        if not (isinstance(self.samples, int) and self.samples >= 1):
+            problems.append(f"samples must be an integer ≥ 1 (got {self.samples!r})")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            problems.append(f"max_new_tokens must be an integer ≥ 1 (got {self.max_new_tokens!r})")
+        if not (isinstance(self.answer_budget, int) and self.answer_budget >= 0):
+            problems.append(f"answer_budget must be an integer ≥ 0 (got {self.answer_budget!r})")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"temperature must be finite and ≥ 0 (got {self.temperature!r})")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p!r})")
+        if not (isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1):
+            problems.append(f"tensor_parallel_size must be an integer ≥ 1 (got {self.tensor_parallel_size!r})")
+        if problems:
+            raise ValueError("generation: " + "; ".join(problems))
         if self.temperature == 0 and self.samples > 1:
             raise ValueError("greedy decoding (temperature 0) gives one reply per question: set samples: 1, or a "
                              "temperature to sample several")

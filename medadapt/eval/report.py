@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 
+from medadapt.files import dumps, write_atomic
+
 log = logging.getLogger(__name__)
 Z95 = 1.96  # two-sided 95% normal quantile, as lm-eval reports intervals
 
@@ -94,23 +96,25 @@ class ResultsBusyError(RuntimeError):
 def lock_results(directory: str):
     """Take a results folder for one run: a held ``FileLock``, or a clear error naming the folder when another
     run holds it (two runs writing one folder would interleave their files). Release it after writing."""
-    from filelock import FileLock, Timeout
+    from medadapt.files import lock_folder
 
+    return lock_folder(directory, f"results_dir {directory} is being written by another run; give this run its own "
+                                  "model.results_dir", ResultsBusyError)
+
+
+def set_aside_previous(directory: str) -> None:
+    """At the start of a run: an earlier run's results.json and predictions.jsonl move to ``previous/`` (logged),
+    so that a run which fails or scores nothing never leaves them looking like its own."""
     path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ResultsBusyError(f"results_dir {directory} is being written by another run; give this run its own "
-                               "model.results_dir") from None
-    return lock
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    if not (path / "results.json").exists():
+        return
+    previous = path / "previous"
+    previous.mkdir(exist_ok=True)
+    when = datetime.fromtimestamp((path / "results.json").stat().st_mtime).isoformat(timespec="seconds")
+    for name in ("results.json", "predictions.jsonl"):
+        if (path / name).exists():
+            (path / name).replace(previous / name)
+    log.warning("moved the results in %s (written %s) to %s: this run writes its own", path, when, previous)
 
 
 def write_results(directory: str, summary: dict, records: list[dict], meta: dict) -> Path:
@@ -122,7 +126,8 @@ def write_results(directory: str, summary: dict, records: list[dict], meta: dict
         log.warning("replacing the results in %s (written %s)", path,
                     datetime.fromtimestamp((path / "results.json").stat().st_mtime).isoformat(timespec="seconds"))
         (path / "results.json").unlink()
-    lines = [json.dumps(r, ensure_ascii=False) for r in sorted(records, key=lambda r: (r["task"], r["id"]))]
-    _write_atomic(path / "predictions.jsonl", "".join(line + "\n" for line in lines))
-    _write_atomic(path / "results.json", json.dumps({**meta, **summary}, indent=2, default=_jsonable))
+    lines = [dumps(r, ensure_ascii=False) for r in sorted(records, key=lambda r: (r["task"], r["id"]))]
+    write_atomic(path / "predictions.jsonl", "".join(line + "\n" for line in lines))
+    # strict JSON: an undefined interval (one item) is null, never NaN
+    write_atomic(path / "results.json", dumps(json.loads(json.dumps({**meta, **summary}, default=_jsonable)), indent=2))
     return path / "results.json"

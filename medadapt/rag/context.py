@@ -15,6 +15,8 @@ from pathlib import Path
 
 from medadapt.rag.config import IndexConfig, RetrievalConfig
 
+from medadapt.files import UnreadableFileError, read_json, write_json
+
 log = logging.getLogger(__name__)
 HEADER = "Context:\n"
 
@@ -75,7 +77,12 @@ def retrieve_cached(cfg: RagArmConfig, questions: list[str]) -> list[list[dict]]
     store = open_store(cfg.index)
     key = json.dumps([store.version(), cfg.index.store, cfg.retrieval.top_k, cfg.retrieval.candidates], sort_keys=True)
     path = Path(cfg.index.dir) / "retrieval_cache" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
-    cache: dict = json.loads(path.read_text()) if cfg.cache and path.exists() else {}
+    cache: dict = {}
+    if cfg.cache and path.exists():
+        try:
+            cache = read_json(path, "retrieval cache")
+        except UnreadableFileError as e:  # a cache: rebuilt, never trusted when cut
+            log.warning("%s; retrieving again", e)
     digest = [hashlib.sha256(q.encode()).hexdigest() for q in questions]
     todo = sorted({d: q for d, q in zip(digest, questions) if d not in cache}.items())
     if todo:
@@ -86,10 +93,7 @@ def retrieve_cached(cfg: RagArmConfig, questions: list[str]) -> list[list[dict]]
         for (d, _), docs in zip(todo, found):
             cache[d] = [{"id": doc.id, "text": snippet_text(doc), "score": doc.score} for doc in docs]
         if cfg.cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache))
-            tmp.replace(path)
+            write_json(path, cache)
     return [cache[d] for d in digest]
 
 

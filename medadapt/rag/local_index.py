@@ -76,9 +76,9 @@ def bm25_tokens(texts: list[str], return_ids: bool = True):
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    from medadapt.files import write_atomic
+
+    write_atomic(path, write)
 
 
 def dense_layout(factory: str, n: int) -> tuple[str, int]:
@@ -107,7 +107,9 @@ class LocalIndex:
     # ---- manifest --------------------------------------------------------------------------------
     def manifest(self) -> dict:
         if self.manifest_path.exists():
-            return json.loads(self.manifest_path.read_text())
+            from medadapt.files import read_json
+
+            return read_json(self.manifest_path, "index manifest")
         return {"chunks": [], "built": None}
 
     def _save_manifest(self, manifest: dict) -> None:
@@ -236,7 +238,9 @@ class LocalIndex:
         texts = [f"{t}\n{c}" if t else c for t, c in zip(titles, docs.column("content").to_pylist())]
         bm25 = bm25s.BM25()
         bm25.index(bm25_tokens(texts), show_progress=False)
-        tmp_bm25 = self.dir / "bm25.tmp"
+        import tempfile
+
+        tmp_bm25 = Path(tempfile.mkdtemp(dir=self.dir, prefix=".bm25.", suffix=".tmp"))  # a fresh name: no link followed
         bm25.save(str(tmp_bm25), show_progress=False)
         if (self.dir / "bm25").exists():
             import shutil

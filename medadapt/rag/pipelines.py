@@ -102,6 +102,10 @@ class HybridRetriever:
     def __init__(self, cfg: IndexConfig, retrieval: RetrievalConfig, store=None):
         self.cfg, self.retrieval = cfg, retrieval
         self.store = store or open_store(cfg)
+        recorded = self.store.recorded_embedder()
+        if recorded and recorded != cfg.embedder:  # another model's query vectors match nothing, silently
+            raise ValueError(f"index {cfg.dir} was embedded with {recorded!r}; queries must be embedded by the same "
+                             f"model, not {cfg.embedder!r}: set index.embedder to {recorded!r}")
         self.pipeline = retrieval_pipeline(cfg, retrieval, self.store)
         self.pipeline.warm_up()
 
@@ -131,7 +135,6 @@ def load_pipeline(yaml_text: str):
 
 
 def save_pipeline(pipeline, path: str) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(pipeline.dumps())
-    return out
+    from medadapt.files import write_atomic
+
+    return write_atomic(path, pipeline.dumps())

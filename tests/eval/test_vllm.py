@@ -147,3 +147,36 @@ def test_a_fit_checkpoint_is_served_as_the_weights_it_holds(trained, tmp_path, m
     assert len(served) == 1 and served[0][0].startswith(str(tmp_path / "cache")) and served[0][1] is None
     assert vllm == hf and len(hf) == 2
     assert generations("base") != hf  # what was served holds the checkpoint's LoRA, not the bare base
+
+
+@pytest.mark.slow
+def test_sampled_generation_on_cpu_survives_prompts_that_outgrow_one_step(monkeypatch):
+    """DeepSeek's protocol (temperature 0.6, a seed per prompt) on 20 MedQA prompts (6k prompt tokens, more than one
+    engine step holds): vLLM's chunked prefill rewound the seeded generators with an offset CPU generators lack
+    ("CPU Generator does not use offset"). The worker prefills whole prompts on CPU; every prompt gets a reply."""
+    from medadapt.eval import vllm_backend
+    from medadapt.eval.generative import GenerationConfig, gen_row
+    from medadapt.eval.tasks import load_task, select
+    from medadapt.model import load_tokenizer
+
+    have_vllm(monkeypatch)
+    cfg = ModelConfig(name_or_path=SMOL, compute_dtype="float32", load_in_4bit=False, base_adapters=[])
+    tok = load_tokenizer(cfg)
+    g = GenerationConfig(temperature=0.6, max_new_tokens=4, answer_budget=0, open_think=False, enforce_eager=True)
+    rows = [gen_row(tok, it, g) for it in select(load_task("medqa_4options", str(DATA / "benchmarks"), False), 20, 1)]
+    assert sum(len(r.input_ids) for r in rows) > 4096
+    replies = vllm_backend.generate(tok, rows, g, *vllm_backend.served_weights(cfg, None, "float32"), "float32")
+    assert len(replies) == 20 and all(r[0].tokens > 0 for r in replies)
+
+
+def test_a_worker_failure_names_its_root_cause_and_keeps_the_whole_output(tmp_path, monkeypatch):
+    from medadapt.eval.vllm_backend import worker_failure
+
+    monkeypatch.setenv("MEDADAPT_CACHE", str(tmp_path))
+    stderr = ("Loading weights\n" * 500 + "Traceback (most recent call last):\n  File x\n"
+              "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.\n" + "  frame\n" * 300 +
+              "RuntimeError: Worker failed with error 'CPU Generator does not use offset'\n")
+    message = worker_failure(1, stderr)
+    assert message.index("CPU Generator does not use offset") < message.index("EngineDeadError")
+    log = message.rsplit("Full output: ", 1)[1]
+    assert open(log).read() == stderr

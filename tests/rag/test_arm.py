@@ -76,7 +76,8 @@ def test_ask_answers_with_an_adapter_and_prints_its_sources(medquad_index, tiny_
         .save_pretrained(adapter)
     question = "What are the treatments for Kaposi Sarcoma ?"
     ask_main(["--index.dir", medquad_index.dir, "--retrieval.top_k", "3", "--model.name_or_path", tiny_qwen,
-              "--model.load_in_4bit", "false", "--model.compute_dtype", "float32", "--init_adapter", str(adapter),
+              "--model.load_in_4bit", "false", "--model.base_adapters", "[]", "--model.compute_dtype", "float32",
+              "--init_adapter", str(adapter),
               "--max_new_tokens", "4", "--max_context_tokens", "400", question])
     out = capsys.readouterr().out
     assert "Sources:" in out and "0000003_3-5" in out.split("Sources:")[1]

@@ -73,6 +73,19 @@ def test_another_embedder_cannot_write_into_an_index(medquad_index):
         LocalIndex(medquad_index.dir).check_embedder("sentence-transformers/all-mpnet-base-v2")
 
 
+def test_queries_must_be_embedded_by_the_index_s_own_embedder(medquad_index):
+    """`ask --index.embedder OTHER` would retrieve with vectors of another model (same dimension: silently wrong;
+    another: a bare faiss error): refused, naming the index's embedder."""
+    from dataclasses import replace
+
+    from medadapt.rag.config import RetrievalConfig
+    from medadapt.rag.pipelines import HybridRetriever
+
+    with pytest.raises(ValueError, match="was embedded with .*set index.embedder"):
+        HybridRetriever(replace(medquad_index, embedder="sentence-transformers/paraphrase-MiniLM-L3-v2"),
+                        RetrievalConfig())
+
+
 def test_qdrant_local_mode_runs_the_same_pipelines(tmp_path):
     from medadapt.rag.stores import open_store
 
