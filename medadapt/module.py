@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +25,7 @@ from medadapt.model import (AdapterMismatchError, LoraConfig, ModelConfig, load_
 from medadapt.attention import VARLEN, flex_bucket
 from medadapt.loss import chunked_cross_entropy
 from medadapt.optim import OptimConfig, resolve_warmup, use_fused, warmup_cosine
+from medadapt.rl.grpo import GRPOConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class CausalLMModule(L.LightningModule):
             continue training an exported adapter, or to evaluate one with ``test``).
         results_dir: Where ``test`` writes ``results.json`` (per-task n, acc, acc_norm, 95% CIs,
             averages, provenance) and ``predictions.jsonl`` (one line per item).
+        rl: Train by reinforcement learning with verifiable rewards (GRPO, ``rl/grpo.py``) instead of next-token
+            loss: with ``medadapt.rl.data.VerifiableQADataModule``; the base adapters (an SFT adapter) stay frozen
+            under the fresh LoRA, and the reference is the model with that LoRA off. Null: SFT / CPT.
     """
 
     def __init__(
@@ -55,12 +59,14 @@ class CausalLMModule(L.LightningModule):
         adapter_dir: Optional[str] = None,
         init_adapter: Optional[str] = None,
         results_dir: str = "results/run",
+        rl: Optional[GRPOConfig] = None,
     ):
         super().__init__()
         # Plain dicts, not dataclasses: checkpoints then load with torch.load(weights_only=True).
         self.save_hyperparameters({"model": asdict(model), "lora": asdict(lora) if lora else None,
                                    "optim": asdict(optim), "adapter_dir": adapter_dir, "init_adapter": init_adapter,
-                                   "results_dir": results_dir})
+                                   "results_dir": results_dir, "rl": asdict(rl) if rl is not None else None})
+        self.rl_cfg = GRPOConfig(**rl) if isinstance(rl, dict) else rl
         self.model_cfg, self.lora_cfg, self.optim_cfg = model, lora, optim
         self.tokenizer = load_tokenizer(model)
         self.model = None
@@ -75,6 +81,8 @@ class CausalLMModule(L.LightningModule):
         #: batch's size. What ``gradient_checkpointing: auto`` sizes its decision by.
         self.micro_batch_tokens: Optional[int] = None
         self._checkpointing_pending = False
+        self._rl_stats: Optional[dict] = None  # GRPO statistics summed over a step's micro-batches
+        self._rl_micro: Optional[int] = None
 
     # ---- model -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -119,9 +127,11 @@ class CausalLMModule(L.LightningModule):
         return resolve_model_config(self.model_cfg, trained, source, training=training, foreign=foreign), lora
 
     def _load(self, cfg: ModelConfig, lora: Optional[LoraConfig], training: bool) -> None:
+        if self.rl_cfg is not None and cfg.attn_implementation in ("auto", "varlen"):
+            cfg = replace(cfg, attn_implementation="sdpa")  # RL batches are padded prompts + completions, not packed
         self.model = load_model(cfg, lora, adapter=self.init_adapter_path, training=training)
         self.resolved_model_cfg, self.lora_used, self.built_for_training = cfg, lora, training
-        self._checkpointing_pending = training and cfg.gradient_checkpointing == "auto"
+        self._checkpointing_pending = training and cfg.gradient_checkpointing == "auto" and self.rl_cfg is None
         self.trained_record = trained_on(cfg) if training else None  # what checkpoints and the adapter record
         if training and rank_zero():
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -162,6 +172,14 @@ class CausalLMModule(L.LightningModule):
     STEP_STATS = ("tokens", "loss_sum", "padding", "positions", "examples")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.rl_cfg is not None:
+            from medadapt.rl.step import grpo_step
+
+            loss, stats = grpo_step(self, batch)
+            stats["loss"] = loss.detach().float()
+            self._rl_stats = stats if self._rl_stats is None else {k: self._rl_stats[k] + v for k, v in stats.items()}
+            self._rl_micro = (self._rl_micro or 0) + 1
+            return loss
         if self._checkpointing_pending:
             self.settle_checkpointing(batch)
         if self._step_started is None:
@@ -194,6 +212,8 @@ class CausalLMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Rescale the step's gradients to a token-weighted mean and log the step (one host sync per step)."""
+        if self.rl_cfg is not None:
+            return self.log_rl_step(optimizer)
         totals = self.trainer.strategy.reduce(self._step_stats, reduce_op="sum")
         tokens, loss_sum, padding, positions, examples = totals.tolist()
         # DDP averages gradients over ranks and Lightning divided each micro-batch loss by
@@ -232,11 +252,34 @@ class CausalLMModule(L.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=step)
 
+    def log_rl_step(self, optimizer) -> None:
+        """A GRPO step's logs: reward mean and spread, KL, completion length, clipped fraction, the share of groups
+        whose rewards were all equal (no signal), unparsable completions, gradient norm, learning rate."""
+        stats = {k: v / self._rl_micro for k, v in self._rl_stats.items()}
+        stats = dict(zip(stats, self.trainer.strategy.reduce(torch.stack(list(stats.values())), reduce_op="mean").tolist()))
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        metrics = {f"rl/{k}": v for k, v in stats.items() if k not in ("tokens", "loss")}
+        if grads:
+            metrics["train/grad_norm"] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        metrics.update({"train/loss": stats["loss"], "train/lr": optimizer.param_groups[0]["lr"]})
+        step = self.trainer.global_step + 1
+        if step == 1 or step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self.log_at_step(metrics, step)
+        self.log("reward", stats["reward_mean"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        self.last_step_loss, self.last_rl_stats = stats["loss"], stats
+        self._rl_stats, self._rl_micro = None, None
+
     # ---- validation ------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self.rl_cfg is not None:  # greedy answers to held-out questions, read by the test stage's reader
+            from medadapt.rl.step import heldout_correct
+
+            right, asked = heldout_correct(self, batch)
+            self._val_sums += torch.tensor([right, asked], dtype=torch.float64, device=self.device)
+            return
         loss, n = self.loss_sum(batch)
         self._val_sums += torch.stack([loss.double(), n.double()])
 
@@ -244,6 +287,10 @@ class CausalLMModule(L.LightningModule):
         """Token-weighted over the whole validation set and every rank (plain sums: no state to leak
         between inference-mode and no-grad runs, which a torchmetrics state tensor would)."""
         loss_sum, tokens = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
+        if self.rl_cfg is not None and tokens:
+            self.log("val/heldout_acc", loss_sum / tokens, prog_bar=True, rank_zero_only=True, logger=False)
+            self.log_at_step({"val/heldout_acc": loss_sum / tokens}, self.trainer.global_step)
+            return
         if tokens:
             in_fit = self.trainer.state.fn == "fit"
             self.log("val/loss", loss_sum / tokens, prog_bar=True, rank_zero_only=True, logger=not in_fit)

@@ -20,7 +20,7 @@ SHARED_BENCH = DATA / "benchmarks"
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 RAG_CONFIGS = [c for c in CONFIGS if c.name == "rag.yaml"]  # index/ask configs, not Trainer runs
-MULTISTEP_CONFIGS = [c for c in CONFIGS if c.name == "multistep.yaml"]  # chains of fit configs
+MULTISTEP_CONFIGS = [c for c in CONFIGS if c.name.startswith("multistep")]  # chains of fit configs
 STUDY_CONFIGS = [c for c in CONFIGS if c.name == "study.yaml"]  # the whole comparison
 TRAINER_CONFIGS = [c for c in CONFIGS if c not in RAG_CONFIGS + MULTISTEP_CONFIGS + STUDY_CONFIGS]
 
@@ -53,18 +53,20 @@ def test_every_multistep_config_names_fit_configs_that_exist(config, monkeypatch
     monkeypatch.chdir(REPO)
     p = build_parser()
     stages = p.instantiate_classes(p.parse_args(["--config", str(config)])).stages
-    assert [s.name for s in stages] == ["cpt", "sft"] and stages[1].from_previous and not stages[0].from_previous
+    chain = ["sft", "rl"] if config.name == "multistep_rl.yaml" else ["cpt", "sft"]
+    assert [s.name for s in stages] == chain and stages[1].from_previous and not stages[0].from_previous
     assert all((REPO / s.config) in TRAINER_CONFIGS for s in stages)
+    assert ("demo" in config.parts) == all("demo" in Path(s.config).parts for s in stages)
 
 
 @pytest.mark.parametrize("config", STUDY_CONFIGS, ids=[str(c.relative_to(REPO)) for c in STUDY_CONFIGS])
 def test_every_study_config_points_at_shipped_configs(config, monkeypatch):
-    from medadapt.commands.study import METHODS, build_parser
+    from medadapt.commands.study import DEFAULT_METHODS, build_parser
 
     monkeypatch.chdir(REPO)
     p = build_parser()
     a = p.instantiate_classes(p.parse_args(["--config", str(config)]))
-    assert a.methods == METHODS and a.baseline == "base"
+    assert a.methods == DEFAULT_METHODS and a.baseline == "base"
     assert (REPO / a.index_config) in RAG_CONFIGS
     assert {REPO / a.sft_config, REPO / a.cpt_config, REPO / a.eval_config} <= set(TRAINER_CONFIGS)
     assert ("demo" in config.parts) == all("demo" in Path(c).parts for c in (a.index_config, a.sft_config,

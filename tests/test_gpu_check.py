@@ -19,7 +19,8 @@ def test_gpu_check_runs_every_step_with_tiny_models(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert list(report["steps"]) == ["build", "fit_speed", "test", "generate"]
+    assert list(report["steps"]) == ["build", "fit_speed", "test", "generate", "rl_step"]
+    assert report["steps"]["rl_step"]["generation_s"] > 0 and report["steps"]["rl_step"]["update_s"] > 0
     assert all(step["ok"] for step in report["steps"].values())
     speed = json.loads((tmp_path / "out" / "fit_speed.json").read_text())
     arms = speed["arms"]

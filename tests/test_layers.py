@@ -27,6 +27,7 @@ LAYERS = {
     "medadapt.data": 1,
     "medadapt.rag": 2,
     "medadapt.eval": 3,
+    "medadapt.rl": 3,
     "medadapt.module": 4,
     "medadapt.commands": 5,
     "medadapt.cli": 6,

@@ -1,5 +1,5 @@
-"""The whole study on a tiny model: index, SFT, CPT → SFT, five evaluations, the comparison; then nothing
-is redone on a second run. It also checks the CPT → SFT chain: stage 2 trains on stage 1's merged weights."""
+"""The whole study on a tiny model: index, SFT, CPT → SFT, RL after SFT, six evaluations, the comparison; then
+nothing is redone on a second run. It also checks the CPT → SFT chain: stage 2 trains on stage 1's merged weights."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from medadapt.eval.tasks import TASKS
 
 from .conftest import DATA, REPO
 
-METHODS = ["base", "rag", "sft", "cpt_sft", "sft_rag"]
+METHODS = ["base", "rag", "sft", "cpt_sft", "sft_rag", "sft_rl"]
 
 
 def fit_config(model: str, data: dict) -> dict:
@@ -43,13 +43,22 @@ def write_configs(tmp_path, model: str, sft_file: str) -> None:
                                           "gradient_checkpointing": False}},
                       "data": {"class_path": "medadapt.eval.data.BenchmarkDataModule",
                                "init_args": {"local_dir": str(DATA / "benchmarks"), "limit": 2, "batch_size": 4}}},
+        "rl.yaml": {**fit_config(model, {"class_path": "medadapt.rl.data.VerifiableQADataModule", "init_args": {
+            "sources": [{"name": "o1", "data_files": str(DATA / "sft" / "medical_o1_reasoning_sample.json"),
+                         "options_field": "options", "answer_field": "answer_idx", "answer_format": "letter",
+                         "on_bad_row": "skip"}],
+            "decontaminate": False, "max_questions": 8, "heldout": 2, "batch_size": 2, "open_think": False}}),
+                    "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 1, "num_sanity_val_steps": 0,
+                                "limit_val_batches": 1, "enable_progress_bar": False}},
         "rag.yaml": {"corpus": {"data_files": str(DATA / "corpus" / "medquad.jsonl"), "text_fields": ["answer"],
                                 "title_field": "focus", "max_docs": 24},
                      "index": {"dir": "index", "chunk_size": 16}, "model": {"name_or_path": model}},
         "study.yaml": {"work_dir": "study", "methods": METHODS, "baseline": "base", "index_config": "rag.yaml",
                        "sft_config": "sft.yaml", "cpt_config": "cpt.yaml", "eval_config": "eval.yaml",
+                       "rl_config": "rl.yaml",
                        "retrieval": {"top_k": 2}, "max_context_tokens": 128, "shared_data": str(DATA)},
     }
+    configs["rl.yaml"]["model"]["rl"] = {"group_size": 2, "max_new_tokens": 4, "eval_max_new_tokens": 4}
     for name, cfg in configs.items():
         (tmp_path / name).write_text(yaml.safe_dump(cfg))
 
@@ -83,6 +92,10 @@ def test_study_end_to_end_then_reuses_everything(tiny_qwen, short_sft_file, tmp_
         assert len(preds) == 18 and all(p["retrieved_ids"] for p in preds)
     sft_results = json.loads((work / "results" / "sft_rag" / "results.json").read_text())
     assert sft_results["adapter"].endswith("sft/sft/adapter")
+    # RL after SFT: the RL LoRA trained with the SFT arm's adapter stacked under it, and evaluated on that stack
+    rl = json.loads((work / "results" / "sft_rl" / "results.json").read_text())
+    assert rl["adapter"].endswith("sft_rl/rl/adapter")
+    assert [(tmp_path / a).resolve() for a in rl["model"]["base_adapters"]] == [(work / "sft" / "sft" / "adapter").resolve()]
 
     # CPT → SFT: the SFT stage trained a fresh LoRA on the base with the CPT adapter stacked under it, and
     # the cpt_sft arm evaluated that stack (the SFT adapter's metadata names its base adapter)

@@ -48,12 +48,15 @@ class Stage:
         config: A ``fit`` config (e.g. configs/cpt.yaml).
         args: Extra command-line overrides for this stage (e.g. ["--trainer.max_steps", "100"]).
         from_previous: Start from the previous stage's result: its adapters, frozen, under this stage's LoRA.
+        base_adapters: Adapters to stack, frozen, under this stage's LoRA (e.g. an SFT adapter another chain
+            trained, under an RL stage); null keeps the config's. ``from_previous`` adds the previous stage's.
     """
 
     name: str
     config: str
     args: list[str] = field(default_factory=list)
     from_previous: bool = False
+    base_adapters: Optional[list[str]] = None
 
 
 def stage_config(stage: Stage, stage_dir: Path, previous: Optional[dict]) -> dict:
@@ -70,6 +73,8 @@ def stage_config(stage: Stage, stage_dir: Path, previous: Optional[dict]) -> dic
                                "name": f"{stage_dir.parent.name}-{stage.name}"}
         trainer["logger"] = logger
     model = cfg.setdefault("model", {})
+    if stage.base_adapters is not None:
+        model.setdefault("model", {})["base_adapters"] = [str(a) for a in stage.base_adapters]
     if previous is not None:
         prev_model = previous["model"].get("model") or {}
         own = model.setdefault("model", {})

@@ -24,7 +24,9 @@ import yaml
 from medadapt.files import UnreadableFileError, read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
-METHODS = ["base", "rag", "sft", "cpt_sft", "sft_rag"]
+METHODS = ["base", "rag", "sft", "cpt_sft", "sft_rag", "sft_rl"]
+#: the arms a study runs unless told otherwise (sft_rl, RL after SFT, is optional: add it to --methods)
+DEFAULT_METHODS = ["base", "rag", "sft", "cpt_sft", "sft_rag"]
 
 
 def build_parser():
@@ -34,11 +36,13 @@ def build_parser():
     p = command_parser("study", __doc__, "configs/demo/study.yaml or configs/study.yaml")
     p.add_argument("--work_dir", type=str, default="results/study",
                    help="training chains, per-method results and the comparison go here")
-    p.add_argument("--methods", type=list[str], default=METHODS, help=f"any of {METHODS}")
+    p.add_argument("--methods", type=list[str], default=DEFAULT_METHODS, help=f"any of {METHODS}")
     p.add_argument("--baseline", type=str, default="base", help="the method the paired tests compare against")
     p.add_argument("--index_config", type=str, help="index/ask config of the RAG corpus (configs/rag.yaml)")
     p.add_argument("--sft_config", type=str, help="fit config of the SFT stage (configs/sft.yaml)")
     p.add_argument("--cpt_config", type=str, help="fit config of the CPT stage (configs/cpt.yaml)")
+    p.add_argument("--rl_config", type=Optional[str], default=None,
+                   help="fit config of the RL stage after SFT (configs/rl.yaml), for the sft_rl arm")
     p.add_argument("--eval_config", type=str, help="test config: model, tasks, subset (configs/eval.yaml)")
     p.add_argument("--eval_args", type=list[str], default=[], help="extra overrides for every test run")
     p.add_argument("--train_args", type=list[str], default=[], help="extra overrides for every fit stage")
@@ -97,7 +101,8 @@ def method_config(method: str, adapters: dict[str, str], rag, in_4bit: bool, res
     from dataclasses import asdict
 
     model = {"lora": None, "model": {"load_in_4bit": in_4bit}, "results_dir": str(results),
-             "init_adapter": adapters.get({"sft": "sft", "sft_rag": "sft", "cpt_sft": "cpt_sft"}.get(method, ""))}
+             "init_adapter": adapters.get({"sft": "sft", "sft_rag": "sft", "cpt_sft": "cpt_sft",
+                                           "sft_rl": "sft_rl"}.get(method, ""))}
     cfg = {"model": model}
     if method in ("rag", "sft_rag"):
         cfg["data"] = {"init_args": {"rag": asdict(rag)}}
@@ -164,12 +169,17 @@ def study_steps(a, work: Path) -> Path:
         rag = RagArmConfig(index=index, retrieval=a.retrieval, max_context_tokens=a.max_context_tokens)
         step("index", lambda: index_main(index_args))  # in-process: indexing never launches DDP workers
     adapters = {}
-    if {"sft", "sft_rag"} & set(a.methods):
+    if {"sft", "sft_rag", "sft_rl"} & set(a.methods):
         adapters["sft"] = train("sft", [Stage("sft", a.sft_config, train_args)], work, a.on_change)
     if "cpt_sft" in a.methods:
         adapters["cpt_sft"] = train("cpt_sft", [Stage("cpt", a.cpt_config, train_args),
                                                 Stage("sft", a.sft_config, train_args, from_previous=True)], work,
                                     a.on_change)
+    if "sft_rl" in a.methods:  # RL on top of the SFT arm's adapter (stacked, frozen): SFT is trained once
+        if not a.rl_config:
+            raise ValueError("the sft_rl arm needs --rl_config (configs/rl.yaml or configs/demo/rl.yaml)")
+        adapters["sft_rl"] = train("sft_rl", [Stage("rl", a.rl_config, train_args, base_adapters=[adapters["sft"]])],
+                                   work, a.on_change)
     runs = []
     for method in a.methods:
         results = work / "results" / method

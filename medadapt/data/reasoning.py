@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from medadapt.data.packing import IGNORE_INDEX, Example, collate, pack
-from medadapt.data.sources import MalformedRowError, describe_source, load_rows, named_tokenizer
+from medadapt.data.sources import DataFingerprint, MalformedRowError, describe_source, load_rows, named_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,28 @@ def render_example(tokenizer, question: str, target: str, system_prompt: Optiona
     return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids}
 
 
+def stateful_loader(data, batch_size: int, trainer, train: bool, seed: int, shuffle: bool, num_workers: int, collate_fn):
+    """A stateful loader over this rank's shard.
+
+    The train sampler is a ``DistributedSampler`` even on one process: its order is a pure function of (seed,
+    epoch), so a run resumed from a checkpoint shuffles later epochs exactly as the uninterrupted run would (a
+    generator-driven ``RandomSampler`` does not survive a resume), and torchdata's ``StatefulDataLoader`` resumes
+    mid-epoch at the exact next batch (a plain ``DataLoader`` makes Lightning replay the epoch). Validation shards
+    without padding, so no row is counted twice under DDP.
+    """
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+    from torch.utils.data import DistributedSampler
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+    if train:
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    else:
+        sampler = UnrepeatedDistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+    return StatefulDataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                              collate_fn=collate_fn)
+
+
 class RowsDataset(torch.utils.data.Dataset):
     """Packed rows (each a list of examples) as a map-style dataset."""
 
@@ -51,7 +73,7 @@ class RowsDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-class TokenizedDataModule(L.LightningDataModule):
+class TokenizedDataModule(DataFingerprint, L.LightningDataModule):
     """Shared machinery for data modules whose examples are token lists: packing, loaders, tokenizer.
 
     Subclasses implement ``build_examples(stage) -> (train, val)``. Loaders are torchdata's
@@ -84,33 +106,6 @@ class TokenizedDataModule(L.LightningDataModule):
     def build_examples(self, stage: str) -> tuple[list[Example], list[Example]]:
         raise NotImplementedError
 
-    #: settings that do not change what the run trains on
-    NOT_DATA = ("num_workers", "tokenizer")
-
-    def fingerprint(self) -> dict:
-        """What this module feeds a run: its settings, and its local files by content (a hub dataset by id).
-        Saved in every checkpoint (``state_dict``) and compared when a run resumes from one."""
-        from medadapt.fingerprint import data_identity
-
-        settings = {k: v for k, v in dict(self.hparams).items() if k not in self.NOT_DATA}
-        return data_identity(settings.pop("dataset", None), settings.pop("data_files", None), **settings)
-
-    def state_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """A resume onto other data (another file, other contents, another max_length or batch size) is an error:
-        the checkpoint's schedule and data order belong to the data it was trained on."""
-        from medadapt.fingerprint import differences
-
-        recorded = state.get("fingerprint")
-        current = self.fingerprint()
-        if recorded is not None and recorded != current:
-            raise ValueError(
-                f"the checkpoint was written by a run on other data ({', '.join(differences(recorded, current))} "
-                "differ): resuming would continue its schedule and data order on data it never saw. Start over "
-                "(--overwrite true, without --ckpt_path), or give the run the data and settings it was trained with")
-
     def connect(self, tokenizer) -> None:
         """The model's tokenizer, handed over by the run (litgpt's habit): examples are tokenized with the ids
         the model was built with, and data code never reaches into the trainer for it."""
@@ -140,29 +135,8 @@ class TokenizedDataModule(L.LightningDataModule):
         return RowsDataset([[examples[i] for i in g] for g in self.group(examples)])
 
     def _loader(self, rows: RowsDataset, train: bool):
-        """A stateful loader over this rank's shard.
-
-        The train sampler is a ``DistributedSampler`` even on one process: its order is a pure
-        function of (seed, epoch), so a run resumed from a checkpoint shuffles later epochs exactly as
-        the uninterrupted run would (a generator-driven ``RandomSampler`` does not survive a resume).
-        Validation shards without padding, so no row is counted twice under DDP.
-        """
-        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-        from torch.utils.data import DistributedSampler
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        if train:
-            sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed)
-        else:
-            sampler = UnrepeatedDistributedSampler(rows, num_replicas=world, rank=rank, shuffle=False)
-        return StatefulDataLoader(
-            rows,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=partial(collate, pad_id=self.get_tokenizer().pad_token_id),
-        )
+        return stateful_loader(rows, self.batch_size, self.trainer, train, self.seed, self.shuffle, self.num_workers,
+                               partial(collate, pad_id=self.get_tokenizer().pad_token_id))
 
     def train_dataloader(self):
         return self._loader(self.train_rows, train=True)

@@ -27,6 +27,36 @@ class DataSourceError(RuntimeError):
     """A hub dataset that cannot be reached, or a source that holds no rows."""
 
 
+class DataFingerprint:
+    """For data modules: what they feed a run (their settings, local files by content, a hub dataset by id), saved
+    in every checkpoint (Lightning's datamodule ``state_dict``) and compared when a run resumes from one."""
+
+    #: settings that do not change what the run trains on
+    NOT_DATA = ("num_workers", "tokenizer")
+
+    def fingerprint(self) -> dict:
+        from medadapt.fingerprint import data_identity
+
+        settings = {k: v for k, v in dict(self.hparams).items() if k not in self.NOT_DATA}
+        return data_identity(settings.pop("dataset", None), settings.pop("data_files", None), **settings)
+
+    def state_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resume onto other data (another file, other contents, another max_length or batch size) is an error:
+        the checkpoint's schedule and data order belong to the data it was trained on."""
+        from medadapt.fingerprint import differences
+
+        recorded = state.get("fingerprint")
+        current = self.fingerprint()
+        if recorded is not None and recorded != current:
+            raise ValueError(
+                f"the checkpoint was written by a run on other data ({', '.join(differences(recorded, current))} "
+                "differ): resuming would continue its schedule and data order on data it never saw. Start over "
+                "(--overwrite true, without --ckpt_path), or give the run the data and settings it was trained with")
+
+
 def load_rows(
     dataset: str,
     name: Optional[str] = None,

@@ -79,6 +79,14 @@ def _options(task: CustomTask, row: dict[str, Any], where: str) -> list:
     if task.option_fields:
         return [row.get(f) for f in task.option_fields]
     raw = row.get(task.options_field)
+    if isinstance(raw, str) and raw.strip()[:1] in "{[":  # a dict or list written as text (the o1 sample does)
+        import ast
+
+        try:
+            raw = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            raise MalformedItemError(f"{where}: field {task.options_field!r} is text that is not a list or dict "
+                                     "of options") from None
     if isinstance(raw, dict):
         keys = sorted(raw, key=str)
         if [str(k).upper() for k in keys] != OPTION_LETTERS[: len(keys)]:

@@ -8,7 +8,6 @@ lm-eval on every task and compares its prompts, log-likelihoods and predictions 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -132,11 +131,13 @@ def load_pubmedqa(path: Optional[str]) -> list[Item]:
     items = []
     if path is not None:
         source = path
-        docs = json.loads(Path(path).read_text())
+        from medadapt.files import read_json
+
+        docs = read_json(path, "PubMedQA abstracts")
         truth_file = Path(path).with_name("pubmedqa_test_ground_truth.json")
         if not truth_file.exists():
             raise FileNotFoundError(f"{truth_file} (the 500 PubMedQA test ids) must sit beside {path}")
-        truth = json.loads(truth_file.read_text())
+        truth = read_json(truth_file, "PubMedQA test answers")
         missing = [k for k in truth if k not in docs]
         if missing:
             raise MalformedItemError(f"{path}: test ids missing from the file, e.g. {missing[:3]}")
