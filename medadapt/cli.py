@@ -68,6 +68,9 @@ class MedAdaptCLI(LightningCLI):
         rows, length = getattr(datamodule, "batch_size", None), getattr(datamodule, "max_length", None)
         if isinstance(rows, int) and isinstance(length, int) and hasattr(model, "micro_batch_tokens"):
             model.micro_batch_tokens = rows * length  # what gradient_checkpointing: auto sizes its decision by
+        prompt = (getattr(datamodule, "hparams", None) or {}).get("max_prompt_length")
+        if prompt and hasattr(model, "max_prompt_tokens"):
+            model.max_prompt_tokens = prompt  # RL rollouts: what a vLLM engine's context must hold
         if getattr(self, "_ckpt_path", None) and hasattr(model, "expected_ckpt_path"):
             self.model.expected_ckpt_path = self._ckpt_path  # build once, for this checkpoint
 

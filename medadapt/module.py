@@ -80,6 +80,7 @@ class CausalLMModule(L.LightningModule):
         #: tokens one micro-batch holds at most (rows x max_length), told by the run (``cli``); null: the first
         #: batch's size. What ``gradient_checkpointing: auto`` sizes its decision by.
         self.micro_batch_tokens: Optional[int] = None
+        self.max_prompt_tokens: Optional[int] = None  # RL: the data's prompt budget, told by the run (``cli``)
         self._checkpointing_pending = False
         self._rl_stats: Optional[dict] = None  # GRPO statistics summed over a step's micro-batches
         self._rl_micro: Optional[int] = None
@@ -320,6 +321,14 @@ class CausalLMModule(L.LightningModule):
 
     def teardown(self, stage: str) -> None:
         self.on_test_end()  # also after a failed run: the folder is free again
+        server, self._vllm_server = getattr(self, "_vllm_server", None), None
+        if server is not None:  # RL rollouts' vLLM engine
+            server.close()
+
+    @property
+    def rl_max_model_len(self) -> int:
+        """The longest sequence an RL rollout engine must hold: the data's prompt budget plus the completion's."""
+        return int(self.max_prompt_tokens or 2048) + self.rl_cfg.max_new_tokens + 8
 
     def on_test_epoch_start(self) -> None:
         from medadapt.eval.harness import BenchmarkHarness

@@ -17,7 +17,7 @@ from .conftest import assert_close_to_scale
 def trained_adapter(base: str, path, load_in_4bit: bool) -> tuple[ModelConfig, torch.Tensor, torch.Tensor]:
     """A LoRA with non-zero B (as after training), saved; returns its config, an input and its logits."""
     cfg = ModelConfig(name_or_path=base, load_in_4bit=load_in_4bit, compute_dtype="float32",
-                      gradient_checkpointing=False)
+                      gradient_checkpointing=False, base_adapters=[])  # saved by PEFT alone: no medadapt record
     model = load_model(cfg, LoraConfig(r=8, alpha=16, dropout=0.0), training=False)
     torch.manual_seed(0)
     for name, p in model.named_parameters():

@@ -153,3 +153,50 @@ def generate(tokenizer, rows: list[GenRow], g: GenerationConfig, model_dir: str,
     request = build_request(tokenizer, rows, g, model_dir, lora, dtype)
     response = run_worker(request, python or vllm_python(g.vllm_python))
     return replies_of(tokenizer, response, request["force"]["cue"])
+
+
+class VLLMServer:
+    """One vLLM engine kept running in its own interpreter for many requests (``vllm_worker.py --serve``): RL
+    rollouts, where the policy's LoRA changes after every update and each request names it anew (a fresh
+    ``LoRARequest`` id per update), without paying the engine's start-up per step."""
+
+    def __init__(self, python: str, engine: dict):
+        self.dir = Path(tempfile.mkdtemp(prefix="medadapt-vllm-"))
+        (self.dir / "engine.json").write_text(json.dumps(engine))
+        self.log = self.dir / "worker.log"
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("PYTHONPATH", None)
+        self.proc = subprocess.Popen([python, str(WORKER), "--serve", str(self.dir / "engine.json")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
+                                     text=True, env=env)
+        self.python, self.requests = python, 0
+        self._wait_for("MEDADAPT_READY")
+        log.info("vLLM engine serving %s (%s)", engine["model"], python)
+
+    def _wait_for(self, marker: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(marker):
+                return line
+        code = self.proc.wait()
+        raise RuntimeError(worker_failure(code, self.log.read_text()))
+
+    def generate(self, request: dict) -> dict:
+        """The worker's response to ``request`` (prompts, sampling, LoRA) on the running engine."""
+        self.requests += 1
+        req, resp = self.dir / f"request{self.requests}.json", self.dir / f"response{self.requests}.json"
+        req.write_text(json.dumps(request))
+        self.proc.stdin.write(f"{req} {resp}\n")
+        self.proc.stdin.flush()
+        self._wait_for("MEDADAPT_DONE")
+        response = json.loads(resp.read_text())
+        req.unlink()
+        resp.unlink()
+        return response
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

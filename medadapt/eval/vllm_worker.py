@@ -1,6 +1,7 @@
 """Generate with vLLM's offline engine: token ids in, token ids out. Runs in vLLM's own interpreter.
 
-    <vllm python> vllm_worker.py REQUEST.json RESPONSE.json
+    <vllm python> vllm_worker.py REQUEST.json RESPONSE.json       # one request, one engine (the test stage)
+    <vllm python> vllm_worker.py --serve ENGINE.json              # one engine, requests on stdin (RL rollouts)
 
 It imports nothing from medadapt (vLLM pins its own torch/transformers/numpy, so it usually lives in a
 venv of its own: ``scripts/install.sh`` makes ``.venv-vllm``). The request names the model folder, an
@@ -35,16 +36,18 @@ def cpu_engine_args(request: dict, max_model_len) -> dict:
 
     if not current_platform.is_cpu():
         return {}
-    s, force = request["sampling"], request.get("force") or {}
-    prompts = request["prompts"] + ((request.get("warmup") or {}).get("prompts") or [])
-    need = max(len(p) for p in prompts) + s["max_tokens"] + len(force.get("cue") or []) + (force.get("budget") or 0)
-    length = max_model_len or need + 8
+    length = max_model_len
+    if length is None:
+        s, force = request["sampling"], request.get("force") or {}
+        prompts = request["prompts"] + ((request.get("warmup") or {}).get("prompts") or [])
+        length = 8 + max(len(p) for p in prompts) + s["max_tokens"] + len(force.get("cue") or []) + (
+            force.get("budget") or 0)
     return {"max_model_len": length, "enable_chunked_prefill": False, "max_num_batched_tokens": max(length, 8192)}
 
 
-def run(request: dict) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def build_engine(request: dict):
+    """vLLM's offline engine for ``request`` (model, dtype, LoRA slot, parallelism, engine arguments)."""
+    from vllm import LLM
 
     lora = request.get("lora")
     engine = {"model": request["model"], "tokenizer": request.get("tokenizer") or request["model"],
@@ -56,12 +59,22 @@ def run(request: dict) -> dict:
         engine.update(enable_lora=True, max_lora_rank=max(8, lora["rank"]), max_loras=1)
     engine.update(cpu_engine_args(request, engine.get("max_model_len")))
     engine.update(request.get("engine_args") or {})
-    llm = LLM(**{k: v for k, v in engine.items() if v is not None})
+    return LLM(**{k: v for k, v in engine.items() if v is not None})
+
+
+def run(request: dict, llm=None) -> dict:
+    """Generate ``request``'s prompts (on ``llm``, or a new engine): samples, and budget forcing when asked."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = llm or build_engine(request)
+    lora = request.get("lora")
     lora_request = None
     if lora:
         from vllm.lora.request import LoRARequest
 
-        lora_request = LoRARequest("adapter", 1, lora["path"])
+        # a LoRA that changes between requests (RL: the policy after each update) comes with a new id
+        lora_request = LoRARequest(lora.get("name", "adapter"), lora.get("id", 1), lora["path"])
     s = request["sampling"]
     greedy = s["temperature"] == 0
     common = {"temperature": 0.0 if greedy else s["temperature"], "top_p": 1.0 if greedy else s["top_p"],
@@ -95,7 +108,29 @@ def run(request: dict) -> dict:
     return {"outputs": outputs, "seconds": seconds, "generated_tokens": tokens}
 
 
+def serve(engine_path: str) -> None:
+    """``--serve ENGINE.json``: one engine for many requests (RL rollouts, each with the current LoRA). Each line on
+    stdin is "REQUEST.json RESPONSE.json"; the answer is written there and announced by a ``MEDADAPT_DONE`` line
+    on stdout (vLLM's own output goes to stderr); end of stdin ends the worker."""
+    import os
+
+    with open(engine_path) as f:
+        llm = build_engine(json.load(f))
+    print("MEDADAPT_READY", flush=True)
+    for line in sys.stdin:
+        request_path, response_path = line.split()
+        with open(request_path) as f:
+            response = run(json.load(f), llm)
+        with open(response_path + ".tmp", "w") as f:
+            json.dump(response, f)
+        os.replace(response_path + ".tmp", response_path)
+        print("MEDADAPT_DONE", response_path, flush=True)
+
+
 def main(argv: list[str]) -> None:
+    if argv[0] == "--serve":
+        serve(argv[1])
+        return
     request_path, response_path = argv
     with open(request_path) as f:
         request = json.load(f)

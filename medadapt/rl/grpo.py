@@ -31,7 +31,6 @@ from typing import Literal, Optional
 
 import torch
 
-from medadapt.eval.tasks import INSTRUCTION
 
 
 @dataclass
@@ -51,10 +50,15 @@ class GRPOConfig:
             (mean per completion, then over completions; the GRPO paper).
         format_reward: Added to the reward of a completion that closed its thought and named a choice (0: off);
             correctness alone is the default reward.
-        open_think: Open the completion with ``<think>\\n`` where the chat template does not (DeepSeek's protocol).
-        instruction: Sentence after every question, as in the test stage's generative mode.
         eval_max_new_tokens: Budget of the greedy answers on the held-out questions (validation).
         std_eps: ε of the std normalization.
+        backend: Who samples the rollouts: ``hf`` (``generate`` in the training process) or ``vllm`` (one vLLM
+            engine kept running beside training, serving the base with any adapters under the policy merged, and
+            the policy's LoRA saved after every update and sent with a fresh ``LoRARequest``).
+        vllm_python: ``vllm`` backend: the interpreter with vLLM (as ``generation.vllm_python``).
+        enforce_eager: ``vllm`` backend: skip CUDA graphs / compilation (faster start).
+        vllm_engine_args: ``vllm`` backend: more ``vllm.LLM`` arguments (e.g. ``{gpu_memory_utilization: 0.3}``
+            to leave the GPU to training).
     """
 
     group_size: int = 8
@@ -66,10 +70,12 @@ class GRPOConfig:
     advantage: Literal["grpo", "dr_grpo"] = "grpo"
     averaging: Literal["token", "sequence"] = "token"
     format_reward: float = 0.0
-    open_think: bool = True
-    instruction: str = INSTRUCTION
     eval_max_new_tokens: int = 1024
     std_eps: float = 1e-4
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm_python: Optional[str] = None
+    enforce_eager: bool = False
+    vllm_engine_args: Optional[dict] = None
 
     def __post_init__(self) -> None:
         import math

@@ -127,7 +127,7 @@ def test_a_fit_checkpoint_is_served_as_the_weights_it_holds(trained, tmp_path, m
 
     served = []
 
-    def hf_engine(tokenizer, rows, g, model_dir, lora, dtype):
+    def hf_engine(tokenizer, rows, g, model_dir, lora, dtype, python=None):
         served.append((model_dir, lora))
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         if lora is not None:

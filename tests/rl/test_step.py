@@ -3,6 +3,7 @@ policy moves only with reward, a killed run resumes exactly, and it learns a ver
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import lightning as L
@@ -155,7 +156,7 @@ def test_a_killed_run_resumes_with_the_losses_of_an_uninterrupted_one(tiny_qwen,
 
 @pytest.mark.slow
 def test_it_learns_a_task_where_one_option_is_always_right(tmp_path, monkeypatch):
-    """SmolLM2, questions whose gold is always B: the probability of answering "B" rises over a few dozen GRPO steps
+    """SmolLM2, questions whose gold is always B: the probability of answering "B" rises within six GRPO steps (from 0.006 to 0.95 in twelve, measured)
     (fixed seed); with reward 0 everywhere it stays where it was (exactly: no advantage, no gradient)."""
     rows = [{"question": f"Case {i}: which of these is the right one?", "options": ["w", "x", "y", "z"],
              "answer": "B"} for i in range(40)]
@@ -175,9 +176,10 @@ def test_it_learns_a_task_where_one_option_is_always_right(tmp_path, monkeypatch
             logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1]
         return torch.softmax(logits.float(), -1)[:, b].mean().item()
 
-    def train(reward=None):
+    def train(steps, reward=None):
         L.seed_everything(0)
-        module = rl_module(SMOL, lr=2e-3, beta=0.0, group=4, tokens=2)
+        module = rl_module(SMOL, lr=5e-3, beta=0.0, group=4, tokens=2)
+        module.model_cfg = dataclasses.replace(module.model_cfg, gradient_checkpointing=False)
         module.build_model(training=True)
         before = p_b(module)
         if reward is not None:
@@ -186,14 +188,14 @@ def test_it_learns_a_task_where_one_option_is_always_right(tmp_path, monkeypatch
             monkeypatch.setattr(step, "rewards_of", reward)
         data = VerifiableQADataModule(sources=[source], decontaminate=False, heldout=0, open_think=False,
                                       batch_size=2, instruction="Answer with the letter only.")
-        tiny_trainer(tmp_path / str(reward is None), max_steps=24).fit(module, connect(data, module))
+        tiny_trainer(tmp_path / str(reward is None), max_steps=steps).fit(module, connect(data, module))
         return before, p_b(module)
 
-    before, after = train()
+    before, after = train(6)
     assert after > before + 0.05, (before, after)
 
     def nothing(tokenizer, batch, rollout, cfg, group):
         return torch.zeros(len(batch["gen_rows"]), group), [(None, "unparsable")] * (len(batch["gen_rows"]) * group)
 
-    before0, after0 = train(nothing)
+    before0, after0 = train(2, nothing)  # no advantage: the update is exactly zero, 2 steps show it
     assert after0 == pytest.approx(before0, abs=1e-6)
