@@ -58,7 +58,7 @@ def test_nf4_adapter_merges_into_the_dequantized_weights_it_was_trained_on(tiny_
     assert_close_to_scale(merged, before)
     # merging into the original full-precision weights instead would ignore what nf4 did to them
     naive = tmp_path / "naive"
-    export(ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32"),
+    export(ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32", base_adapters=[]),
            str(tmp_path / "adapter"), str(naive), dtype="float32")
     assert (logits(str(naive), x) - before).abs().max() > 10 * (merged - before).abs().max()
 
