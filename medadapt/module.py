@@ -23,6 +23,7 @@ from medadapt.checkpoints import checked_lora, checkpoint_record, load_checkpoin
 from medadapt.model import (AdapterMismatchError, LoraConfig, ModelConfig, load_model, load_tokenizer,
                             read_adapter_metadata, resolve_model_config, trained_on, unwrapped, write_adapter_metadata)
 from medadapt.attention import VARLEN, flex_bucket
+from medadapt.eval.stage import TestStage
 from medadapt.loss import chunked_cross_entropy
 from medadapt.optim import OptimConfig, resolve_warmup, use_fused, warmup_cosine
 from medadapt.rl.grpo import GRPOConfig
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 VARLEN_KERNELS = (VARLEN, "flash_attention_2")
 
 
-class CausalLMModule(L.LightningModule):
+class CausalLMModule(TestStage, L.LightningModule):
     """A (4-bit) causal LM with a LoRA adapter, trained on packed batches with a token-weighted loss.
 
     Args:
@@ -298,27 +299,7 @@ class CausalLMModule(L.LightningModule):
             if in_fit:  # after N optimizer steps: logged at step N, beside that step's train/loss
                 self.log_at_step({"val/loss": loss_sum / tokens}, self.trainer.global_step)
 
-    # ---- test: leaderboard benchmarks -------------------------------------------------------------
-    def on_test_start(self) -> None:
-        """Hold the results folder for this run (rank 0 decides, every rank learns it before any work)."""
-        from medadapt.eval.report import lock_results, set_aside_previous
-
-        self._results_lock, error = None, None
-        if self.trainer.is_global_zero:
-            try:
-                self._results_lock = lock_results(self.hparams.results_dir)
-                set_aside_previous(self.hparams.results_dir)
-            except RuntimeError as e:
-                error = str(e)
-        error = self.trainer.strategy.broadcast(error)
-        if error:
-            raise RuntimeError(error)
-
-    def on_test_end(self) -> None:
-        if getattr(self, "_results_lock", None) is not None:
-            self._results_lock.release()
-            self._results_lock = None
-
+    # ---- test: the leaderboard benchmarks live in eval/stage.py (TestStage) -----------------------------
     def teardown(self, stage: str) -> None:
         self.on_test_end()  # also after a failed run: the folder is free again
         server, self._vllm_server = getattr(self, "_vllm_server", None), None
@@ -329,56 +310,6 @@ class CausalLMModule(L.LightningModule):
     def rl_max_model_len(self) -> int:
         """The longest sequence an RL rollout engine must hold: the data's prompt budget plus the completion's."""
         return int(self.max_prompt_tokens or 2048) + self.rl_cfg.max_new_tokens + 8
-
-    def on_test_epoch_start(self) -> None:
-        from medadapt.eval.harness import BenchmarkHarness
-
-        self.harness = BenchmarkHarness()
-        self._test_started = time.perf_counter()
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.harness.step(self.model, self.tokenizer, batch)
-
-    def on_test_epoch_end(self) -> None:
-        if self.harness.deferred:
-            self.harness.generate_deferred(self._serve_with_vllm)
-        meta = {"model": asdict(self.resolved_model_cfg), "lora": asdict(self.lora_used) if self.lora_used else None,
-                "adapter": self.init_adapter_path, "ckpt_path": self.trainer.ckpt_path,
-                "seconds": round(time.perf_counter() - self._test_started, 3),  # the test epoch, start-up excluded
-                "vllm_python": getattr(self, "vllm_interpreter", None)}  # the interpreter that ran, if vLLM did
-        summary = self.harness.finish(self.trainer.strategy, meta, self.hparams.results_dir)
-        for task, m in summary["tasks"].items():
-            metrics = {f"test/{task}/acc": m["acc"], f"test/{task}/acc_norm": m["acc_norm"]}
-            if "unparsable" in m:  # generative mode: replies the reader could not read
-                metrics[f"test/{task}/unparsable"] = float(m["unparsable"])
-            self.log_dict(metrics, rank_zero_only=True)
-        self.log("test/macro_avg_acc", summary["macro_avg_acc"], rank_zero_only=True)
-
-    def _serve_with_vllm(self, rows: list, generation) -> list:
-        """Generate ``rows`` with vLLM from the evaluated weights (one process: vLLM spreads over GPUs itself)."""
-        import gc
-        import tempfile
-
-        from medadapt.eval import vllm_backend
-        from medadapt.model import resolve_dtype
-
-        if self.trainer.world_size > 1:
-            raise RuntimeError("generation.backend: vllm runs on one process; use generation.tensor_parallel_size or "
-                               "vllm_engine_args.data_parallel_size for several GPUs, not --trainer.devices")
-        with tempfile.TemporaryDirectory() as tmp:
-            adapter = self.init_adapter_path
-            if adapter is None and self.lora_used is not None:  # a fit checkpoint: its LoRA as a PEFT adapter
-                adapter = tmp
-                self.model.save_pretrained(adapter, safe_serialization=True, selected_adapters=["default"])
-                write_adapter_metadata(adapter, self.resolved_model_cfg, self.lora_used)
-            dtype = str(resolve_dtype(self.resolved_model_cfg.compute_dtype)).removeprefix("torch.")
-            model_dir, lora = vllm_backend.served_weights(self.resolved_model_cfg, adapter, dtype)
-            self.model = None  # free the HF copy (and its GPU memory) before vLLM takes the device
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self.vllm_interpreter = vllm_backend.vllm_python(generation.vllm_python)  # recorded in results.json
-            return vllm_backend.generate(self.tokenizer, rows, generation, model_dir, lora, dtype, self.vllm_interpreter)
 
     # ---- optimizer ---------------------------------------------------------------------------------
     def configure_optimizers(self):
