@@ -140,13 +140,13 @@ def build_cli(args=None, run: bool = True) -> MedAdaptCLI:
 
 #: every subcommand: name → (where it runs, one line of what it does). LightningCLI runs fit/validate/test.
 COMMANDS = {
-    "fit": ("lightning", "train: SFT (configs/sft.yaml) or continual pretraining (configs/cpt.yaml)"),
+    "fit": ("lightning", "train: SFT (configs/sft.yaml), continual pretraining (configs/cpt.yaml) or RL (configs/rl.yaml)"),
     "validate": ("lightning", "validation loss of a model, adapter or checkpoint"),
     "test": ("lightning", "the leaderboard benchmarks (configs/eval.yaml): log-likelihood or generative"),
     "index": ("medadapt.commands.rag:index_main", "build or update the RAG index (configs/rag.yaml)"),
     "ask": ("medadapt.commands.rag:ask_main", "answer a question with retrieved snippets (RAG, optional adapter)"),
     "multistep": ("medadapt.commands.multistep:main", "chained fits, e.g. CPT then SFT (configs/multistep.yaml)"),
-    "study": ("medadapt.commands.study:main", "base vs RAG vs SFT vs CPT→SFT vs SFT+RAG, end to end"),
+    "study": ("medadapt.commands.study:main", "base vs RAG vs SFT vs CPT→SFT vs SFT+RAG (vs SFT→RL), end to end"),
     "export": ("medadapt.commands.export:main", "merge an adapter into its base: a standalone HF folder"),
     "compare": ("medadapt.eval.compare:main", "methods × tasks with 95% CIs, paired McNemar tests, chart"),
     "decontaminate": ("medadapt.eval.decontaminate:main", "n-gram overlap of training data with the benchmarks"),
