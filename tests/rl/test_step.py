@@ -199,3 +199,38 @@ def test_it_learns_a_task_where_one_option_is_always_right(tmp_path, monkeypatch
 
     before0, after0 = train(2, nothing)  # no advantage: the update is exactly zero, 2 steps show it
     assert after0 == pytest.approx(before0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_rl_runs_under_ddp_with_each_rank_sampling_its_own_questions(tiny_qwen, short_questions, tmp_path):
+    """Two CPU processes (gloo) through the CLI: every rank samples, rewards and scores its own questions; the
+    step's statistics are reduced over ranks and the adapter is exported once. (That two ranks' gradients equal
+    one process's on the same completions is the exact test above, on the loss itself.)"""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from ..conftest import REPO
+
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "medadapt", "fit", "--model.model.name_or_path", tiny_qwen,
+            "--model.model.load_in_4bit", "false", "--model.model.compute_dtype", "float32",
+            "--model.lora", json.dumps({"r": 4, "alpha": 8, "dropout": 0.0}), "--model.optim.fused", "false",
+            "--model.optim.warmup_steps", "0", "--model.adapter_dir", str(out / "adapter"),
+            "--model.rl", json.dumps({"group_size": 2, "max_new_tokens": 4, "eval_max_new_tokens": 4}),
+            "--data", "medadapt.rl.data.VerifiableQADataModule", "--data.sources", json.dumps([short_questions]),
+            "--data.decontaminate", "false", "--data.heldout", "2", "--data.batch_size", "1",
+            "--data.open_think", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--trainer.strategy", "ddp", "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1",
+            "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
+            "--trainer.num_sanity_val_steps", "0",
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out),
+            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = list(csv.DictReader(open(next(out.rglob("metrics.csv")))))
+    assert [int(r["step"]) for r in rows if r.get("rl/reward_mean")] == [1, 2]
+    assert any(r.get("val/heldout_acc") for r in rows)
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
