@@ -186,7 +186,7 @@ def grpo_step(module, batch: dict) -> tuple[torch.Tensor, dict]:
     same = (rewards.max(dim=1).values == rewards.min(dim=1).values).float()
     stats.update({"reward_mean": rewards.mean(), "reward_std": rewards.std(dim=1, unbiased=False).mean(),
                   "no_signal_groups": same.mean(), "completion_length": mask.sum(dim=1).float().mean(),
-                  "unparsable": torch.tensor(sum(p is None for p, _ in reads) / len(reads))})
+                  "unparsable": torch.tensor(sum(p is None for p, _ in reads) / len(reads), device=rewards.device)})
     return loss, {k: v.detach().float() for k, v in stats.items()}
 
 
