@@ -48,14 +48,9 @@ def file_digest(path: Union[str, Path]) -> str:
     stat = real.stat()
     key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
     small = stat.st_size < (64 << 20)
-    cache: dict = {}
-    if not small:
-        try:
-            cache = read_json(_cache_path())
-        except (FileNotFoundError, ValueError):
-            cache = {}
-        if key in cache:
-            return cache[key]
+    cached = {} if small else _read_cache()
+    if key in cached:
+        return cached[key]
     h = hashlib.sha256()
     with open(real, "rb") as f:
         while block := f.read(1 << 24):
@@ -66,13 +61,16 @@ def file_digest(path: Union[str, Path]) -> str:
 
         _cache_path().parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(_cache_path()) + ".lock"):
-            try:
-                cache = read_json(_cache_path())
-            except (FileNotFoundError, ValueError):
-                cache = {}
-            cache[key] = value
-            write_json(_cache_path(), cache)
+            write_json(_cache_path(), {**_read_cache(), key: value})
     return value
+
+
+def _read_cache() -> dict:
+    """The remembered digests (an unreadable cache is an empty one: it only saves work)."""
+    try:
+        return read_json(_cache_path())
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def files_digest(folder: Union[str, Path], names: Iterable[str]) -> str:

@@ -506,9 +506,7 @@ def check_base_adapter(path: str, cfg: ModelConfig, below: list[str]) -> None:
     """A base adapter must have been trained on this base model, on top of the adapters stacked below it."""
     meta = read_adapter_metadata(path).get("base") or {}
     if meta.get("base_identity"):
-        check_trained_on(replace(cfg, base_adapters=below), {**meta, "base_adapter_digests":
-                                                             meta.get("base_adapter_digests") or []},
-                         f"base adapter {path}")
+        check_trained_on(replace(cfg, base_adapters=below), meta, f"base adapter {path}")
     elif meta.get("name_or_path") and not same_model(meta["name_or_path"], cfg.name_or_path):
         raise AdapterMismatchError(f"base adapter {path} was trained on {meta['name_or_path']!r}, not {cfg.name_or_path!r}")
     if "base_adapters" in meta and not _same_paths(meta["base_adapters"] or [], below):

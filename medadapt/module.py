@@ -24,6 +24,7 @@ from medadapt.model import (AdapterMismatchError, LoraConfig, ModelConfig, load_
                             read_adapter_metadata, resolve_model_config, trained_on, unwrapped, write_adapter_metadata)
 from medadapt.attention import VARLEN, flex_bucket
 from medadapt.eval.stage import TestStage
+from medadapt.fingerprint import adapter_digest
 from medadapt.loss import chunked_cross_entropy
 from medadapt.optim import OptimConfig, resolve_warmup, use_fused, warmup_cosine
 from medadapt.rl.grpo import GRPOConfig
@@ -85,6 +86,8 @@ class CausalLMModule(TestStage, L.LightningModule):
         self._checkpointing_pending = False
         self._rl_stats: Optional[dict] = None  # GRPO statistics summed over a step's micro-batches
         self._rl_micro: Optional[int] = None
+        self.trained_record: Optional[dict] = None  # set by _load for a training build
+        self.init_adapter_digest: Optional[str] = None
 
     # ---- model -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -113,8 +116,6 @@ class CausalLMModule(TestStage, L.LightningModule):
         (by content): its tensors replace the adapter's, and its own base adapters would otherwise be dropped."""
         trained, lora, foreign = None, self.lora_cfg, False
         if self.init_adapter_path:
-            from medadapt.fingerprint import adapter_digest
-
             meta = read_adapter_metadata(self.init_adapter_path)
             if record is not None and record.get("init_adapter_digest") != adapter_digest(self.init_adapter_path):
                 raise AdapterMismatchError(
@@ -135,6 +136,8 @@ class CausalLMModule(TestStage, L.LightningModule):
         self.resolved_model_cfg, self.lora_used, self.built_for_training = cfg, lora, training
         self._checkpointing_pending = training and cfg.gradient_checkpointing == "auto" and self.rl_cfg is None
         self.trained_record = trained_on(cfg) if training else None  # what checkpoints and the adapter record
+        self.init_adapter_digest = (adapter_digest(self.init_adapter_path)  # the adapter this run continues
+                                    if training and self.init_adapter_path else None)
         if training and rank_zero():
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in self.model.parameters())
@@ -225,8 +228,7 @@ class CausalLMModule(TestStage, L.LightningModule):
         metrics = {}
         if grads:
             torch._foreach_mul_(grads, scale)
-            norms = torch._foreach_norm([g.float() for g in grads])
-            metrics["train/grad_norm"] = float(torch.linalg.vector_norm(torch.stack(norms)))
+            metrics["train/grad_norm"] = grad_norm(grads)
         elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
         loss = loss_sum / max(tokens, 1.0)
         metrics.update({
@@ -262,7 +264,7 @@ class CausalLMModule(TestStage, L.LightningModule):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         metrics = {f"rl/{k}": v for k, v in stats.items() if k not in ("tokens", "loss")}
         if grads:
-            metrics["train/grad_norm"] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+            metrics["train/grad_norm"] = grad_norm(grads)
         metrics.update({"train/loss": stats["loss"], "train/lr": optimizer.param_groups[0]["lr"]})
         step = self.trainer.global_step + 1
         if step == 1 or step % max(self.trainer.log_every_n_steps, 1) == 0:
@@ -336,9 +338,9 @@ class CausalLMModule(TestStage, L.LightningModule):
         warmup = resolve_warmup(cfg, total)
         log.info("schedule: %d optimizer steps, %d of warmup (%.1f%%)", total, warmup, 100 * warmup / total)
         self.schedule = {"total": total, "warmup": warmup}
-        check_resumed_schedule(getattr(self, "_resumed", None), self.schedule, cfg.lr,
-                               warmup_cosine(warmup, total, cfg.min_lr_ratio))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, cfg.min_lr_ratio))
+        factor = warmup_cosine(warmup, total, cfg.min_lr_ratio)
+        check_resumed_schedule(getattr(self, "_resumed", None), self.schedule, cfg.lr, cfg.min_lr_ratio)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -363,12 +365,9 @@ class CausalLMModule(TestStage, L.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # what the tensors were trained on, settled (the hparams hold the config, with its open choices)
-        from medadapt.fingerprint import adapter_digest
-
         checkpoint["medadapt"] = {"base": self.trained_record or trained_on(self.resolved_model_cfg),
                                   "lora": asdict(self.lora_used) if self.lora_used else None,
-                                  "init_adapter_digest": adapter_digest(self.init_adapter_path)
-                                  if self.init_adapter_path else None,
+                                  "init_adapter_digest": self.init_adapter_digest,
                                   "schedule": getattr(self, "schedule", None)}
         checkpoint["rng"] = {"cpu": self._gather_rng(torch.get_rng_state())}
         if torch.cuda.is_available() and self.device.type == "cuda":
@@ -431,7 +430,12 @@ class CausalLMModule(TestStage, L.LightningModule):
         return str(Path(base) / "adapter")
 
 
-def check_resumed_schedule(resumed: Optional[dict], schedule: dict, lr: float, factor) -> None:
+def grad_norm(grads: list[torch.Tensor]) -> float:
+    """The global L2 norm of a step's gradients (one host sync)."""
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads]))))
+
+
+def check_resumed_schedule(resumed: Optional[dict], schedule: dict, lr: float, min_ratio: float) -> None:
     """A resumed run says what its schedule does: nothing left to train is an error (it would "train" at the ended
     cosine's learning rate and report success); a schedule that changed since the checkpoint is logged with the
     learning rate the run continues at."""
@@ -445,8 +449,9 @@ def check_resumed_schedule(resumed: Optional[dict], schedule: dict, lr: float, f
     if before and before != schedule:
         log.warning("resuming at step %d of a schedule planned for %d steps (%d warmup); this run plans %d (%d "
                     "warmup): from here the learning rate follows the new schedule (%.3g now, not the old %.3g)",
-                    step, before["total"], before["warmup"], schedule["total"], schedule["warmup"], lr * factor(step),
-                    lr * warmup_cosine(before["warmup"], before["total"])(step))
+                    step, before["total"], before["warmup"], schedule["total"], schedule["warmup"],
+                    lr * warmup_cosine(schedule["warmup"], schedule["total"], min_ratio)(step),
+                    lr * warmup_cosine(before["warmup"], before["total"], min_ratio)(step))
 
 
 def load_for_inference(model: ModelConfig, lora: Optional[LoraConfig] = None, init_adapter: Optional[str] = None,

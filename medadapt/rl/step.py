@@ -71,8 +71,15 @@ def sample(model, tokenizer, batch: dict, cfg: GRPOConfig, greedy: bool = False)
     completion = out[:, ids.shape[1]:]
     is_eos = completion == tokenizer.eos_token_id
     ended = is_eos.cumsum(dim=1) - is_eos.long()  # EOS tokens before this one
-    completion_mask = (ended == 0).long()  # up to and including the first EOS
-    return {"input_ids": out, "attention_mask": torch.cat([mask, completion_mask], dim=1),
+    return rollout_of(batch, group, completion, (ended == 0).long())  # up to and including the first EOS
+
+
+def rollout_of(batch: dict, group: int, completion: torch.Tensor, completion_mask: torch.Tensor) -> dict:
+    """The prompts (each repeated ``group`` times, left-padded) with their completions: ids, attention mask, the
+    completion-token mask and where completions start."""
+    ids = batch["input_ids"].repeat_interleave(group, dim=0)
+    mask = batch["attention_mask"].repeat_interleave(group, dim=0)
+    return {"input_ids": torch.cat([ids, completion], dim=1), "attention_mask": torch.cat([mask, completion_mask], 1),
             "completion_mask": completion_mask, "prompt_width": ids.shape[1]}
 
 
@@ -123,11 +130,7 @@ def sample_vllm(module, batch: dict, cfg: GRPOConfig) -> dict:
     for i, ids in enumerate(completions):
         completion[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         completion_mask[i, : len(ids)] = 1
-    ids = batch["input_ids"].repeat_interleave(cfg.group_size, dim=0)
-    mask = batch["attention_mask"].repeat_interleave(cfg.group_size, dim=0)
-    completion, completion_mask = completion.to(device), completion_mask.to(device)
-    return {"input_ids": torch.cat([ids, completion], dim=1), "attention_mask": torch.cat([mask, completion_mask], 1),
-            "completion_mask": completion_mask, "prompt_width": ids.shape[1]}
+    return rollout_of(batch, cfg.group_size, completion.to(device), completion_mask.to(device))
 
 
 def rewards_of(tokenizer, batch: dict, rollout: dict, cfg: GRPOConfig, group: int) -> tuple[torch.Tensor, list]:
