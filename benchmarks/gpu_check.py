@@ -14,8 +14,9 @@ from a cold start on one H100/H200 so that a second attempt fits one 15-minute d
                 adapter fit_speed's sft.yaml arm exported (its metadata says nf4): items/s, start-up excluded.
   4. generate   generative mode, HF backend, 16 MedQA prompts in one batch of 16, greedy, 256 new tokens:
                 generated tokens/s, start-up excluded.
-  5. rl_step    benchmarks/rl_step.py on the 1.5B architecture: a GRPO step (2 questions x 8 completions, 128 new
-                tokens) split into generation and update.
+  5. rl_step    benchmarks/rl_step.py on the 1.5B architecture: a GRPO step (4 questions x 8 completions, 256 new
+                tokens) split into generation and update, with its peak memory. (The full configs/rl.yaml step,
+                32 x 8 x 4,096 tokens, takes minutes: ``rl_step.py --gpu --full`` on its own.)
 Every figure goes to OUT/gpu_check.json and one readable OUT/gpu_check.md. Models are built from configs
 (random weights): no hub. Data: the R1 tokenizer, the SFT sample and benchmark files, from ``--assets``
 (gpu_check.sh --prepare copies them beside the wheels) or ``../shared`` when it is there.
@@ -144,9 +145,9 @@ def main() -> None:
     rl_args = ["--model-dir", model_dir, "--benchmarks", str(files["benchmarks"]), "--sft", str(files["sft"]),
                "--json", str(out / "rl_step.json")]
     rl_args += (["--group", "2", "--max-new-tokens", "4", "--steps", "1"] if args.tiny else
-                ["--gpu", "--group", "8", "--questions", "2", "--max-new-tokens", "128", "--steps", "2"])
+                ["--gpu", "--group", "8", "--questions", "4", "--max-new-tokens", "256", "--steps", "2"])
     step("rl_step", lambda: {k: v for k, v in rl_step.main(rl_args).items() if k in (
-        "step_s", "generation_s", "update_s", "generated_tokens_per_s", "generation_share")})
+        "step_s", "generation_s", "update_s", "rollout_tokens_per_s", "generation_share", "peak_gib")})
     write_markdown(report, speed_report, out / "gpu_check.md")
     failed = [n for n, s in report["steps"].items() if not s["ok"]]
     print(f"gpu_check: {'all steps ok' if not failed else 'FAILED: ' + ', '.join(failed)}; {out / 'gpu_check.md'}")

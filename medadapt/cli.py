@@ -1,7 +1,8 @@
 """``python -m medadapt COMMAND``: the table of every command, and LightningCLI for fit/validate/test.
 
 Every command is parsed by jsonargparse over typed signatures: ``fit``/``validate``/``test`` by LightningCLI
-(every config key is an ``__init__`` argument documented in its docstring), the others by the parsers in
+(every config key is an ``__init__`` argument documented in its docstring; ``model`` is ``CausalLMModule`` unless
+its ``class_path`` names another, as ``configs/rl.yaml`` names ``medadapt.rl.module.GRPOModule``), the others by the parsers in
 ``medadapt/commands`` and ``medadapt/eval`` (``console.command_parser``). ``--help`` and ``--print_config``
 work for all of them; tests/test_cli.py parses every shipped YAML.
 """
@@ -15,7 +16,7 @@ from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from medadapt.module import CausalLMModule
+from medadapt.training import AdapterModule
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -75,6 +76,9 @@ class MedAdaptCLI(LightningCLI):
             self.model.expected_ckpt_path = self._ckpt_path  # build once, for this checkpoint
 
     def before_fit(self) -> None:
+        check = getattr(self.model, "check_trainer", None)
+        if check is not None:  # a module that steps its optimizer itself (GRPO) names what replaces trainer settings
+            check(self.trainer)
         self.apply_run_dir()
         self.refuse_stale_checkpoints()
 
@@ -112,6 +116,7 @@ class MedAdaptCLI(LightningCLI):
                             help="fit: one folder for this run: checkpoints/ (with last.ckpt) and adapter/ inside it")
         parser.set_defaults(
             {
+                "model": {"class_path": "medadapt.module.CausalLMModule"},  # a config without class_path: SFT/CPT
                 "trainer.default_root_dir": ".",
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -125,8 +130,9 @@ def build_cli(args=None, run: bool = True) -> MedAdaptCLI:
     import lightning as L
 
     return MedAdaptCLI(
-        CausalLMModule,
+        AdapterModule,
         L.LightningDataModule,
+        subclass_mode_model=True,  # medadapt.module.CausalLMModule unless the config names another (GRPOModule)
         subclass_mode_data=True,
         parser_kwargs={"prog": "python -m medadapt"},
         seed_everything_default=4242,

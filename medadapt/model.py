@@ -258,12 +258,15 @@ def trained_on(cfg: ModelConfig) -> dict:
 
 
 def write_adapter_metadata(adapter_dir: str, cfg: ModelConfig, lora: Optional[LoraConfig],
-                           record: Optional[dict] = None) -> None:
-    """Record beside an exported adapter what it was trained on (``trained_on``), so evaluation and export rebuild
-    exactly those weights and notice when any of them changed."""
+                           record: Optional[dict] = None, method: Optional[str] = None) -> None:
+    """Record beside an exported adapter what it was trained on (``trained_on``) and by which method (``sft`` for
+    next-token training, ``rl``), so evaluation and export rebuild exactly those weights and notice when any of them
+    changed."""
     from medadapt.files import write_json
 
     meta = {"base": record or trained_on(cfg), "lora": asdict(lora) if lora else None}
+    if method is not None:
+        meta["method"] = method
     write_json(Path(adapter_dir, ADAPTER_METADATA), meta, indent=2)
 
 

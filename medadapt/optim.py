@@ -50,13 +50,14 @@ class OptimConfig:
 FUSED_DEVICES = ("cuda",)
 
 
-def use_fused(requested: bool, params: list, trainer) -> bool:
-    """Fused AdamW where the device has it, unless an fp16 grad scaler and clipping are both on: fused AdamW
-    unscales inside its step, so the gradients to clip would still be scaled (Lightning refuses)."""
+def use_fused(requested: bool, params: list, trainer, clipping: Optional[float] = None) -> bool:
+    """Fused AdamW where the device has it, unless an fp16 grad scaler and clipping (``clipping``: the norm the run
+    clips to) are both on: fused AdamW unscales inside its step, so the gradients to clip would still be scaled
+    (Lightning refuses)."""
     if not requested or not params or not all(p.device.type in FUSED_DEVICES for p in params):
         return False
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is not None and trainer.gradient_clip_val:
+    if scaler is not None and clipping:
         log.info("fused AdamW is off: 16-mixed precision with gradient clipping needs unscaled gradients")
         return False
     return True

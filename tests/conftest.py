@@ -181,3 +181,16 @@ def assert_close_to_scale(got, expected, rtol: float = 1e-5, msg: str = "") -> N
     got, expected = torch.as_tensor(got), torch.as_tensor(expected)
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=msg or None)
+
+
+def assert_gradients_close(got: dict, expected: dict, rtol: float = 1e-5, msg: str = "") -> None:
+    """Two gradients (name → tensor), compared as the one vector they are: within ``rtol`` of its largest entry. Per
+    tensor, a small tensor whose entries are sums of cancelling terms would be held to a scale its summands never
+    had (its own largest entry), and fail on rounding alone."""
+    import torch
+
+    names = sorted(expected)
+    assert sorted(got) == names, msg
+    flat = torch.cat([expected[n].flatten().float() for n in names])
+    assert torch.count_nonzero(flat) > 0, f"{msg}: the expected gradient is zero, nothing is compared"
+    assert_close_to_scale(torch.cat([got[n].flatten().float() for n in names]), flat, rtol=rtol, msg=msg)

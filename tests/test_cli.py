@@ -77,16 +77,34 @@ def test_every_study_config_points_at_shipped_configs(config, monkeypatch):
 def test_every_shipped_config_parses(config, monkeypatch):
     import lightning as L
 
-    from medadapt.module import CausalLMModule
+    from medadapt.training import AdapterModule
 
     monkeypatch.chdir(REPO)
-    cli = ParseOnly(CausalLMModule, L.LightningDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
-                    args=["fit", "--config", str(config)])
-    data = cli.config["fit"]["data"]
+    cli = ParseOnly(AdapterModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    auto_configure_optimizers=False, args=["fit", "--config", str(config)])
+    data, model = cli.config["fit"]["data"], cli.config["fit"]["model"]
     assert data["class_path"].startswith("medadapt.")
+    rl = data["class_path"] == "medadapt.rl.data.VerifiableQADataModule"
+    assert model["class_path"] == ("medadapt.rl.module.GRPOModule" if rl else "medadapt.module.CausalLMModule")
     for key in ("data_files", "local_dir"):  # a shipped demo must point at data that exists
         if data["init_args"].get(key):
             assert Path(data["init_args"][key]).exists(), data["init_args"][key]
+    if rl:  # the module steps its optimizer itself: Lightning's clipping and accumulation are refused
+        assert not cli.config["fit"]["trainer"].get("gradient_clip_val")
+        assert cli.config["fit"]["trainer"].get("accumulate_grad_batches") in (None, 1)
+
+
+def test_the_rl_config_runs_a_published_scale_step():
+    """configs/rl.yaml: at least 32 questions x 8 completions a step (DeepScaleR: 128 x 8), every setting that makes
+    the scored distribution the sampled one, and per-source quotas."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "rl.yaml").read_text())
+    model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
+    assert data["batch_size"] * model["rl"]["group_size"] >= 32 * 8 and model["rl"]["micro_batch_size"] <= 16
+    assert model["lora"]["dropout"] == 0 and model["rl"]["top_k"] == 0 and model["rl"]["temperature"] == 0.6
+    assert set(data["quotas"]) == {s["name"] for s in data["sources"]} | {"pubmedqa_pqal"}
+    assert sum(data["quotas"].values()) == pytest.approx(1.0)
 
 
 def test_seed_recipe_values_survive_packing():

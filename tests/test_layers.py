@@ -27,11 +27,12 @@ LAYERS = {
     "medadapt.data": 1,
     "medadapt.rag": 2,
     "medadapt.eval": 3,
-    "medadapt.rl": 3,
-    "medadapt.module": 4,
-    "medadapt.commands": 5,
-    "medadapt.cli": 6,
-    "medadapt.__main__": 7,
+    "medadapt.training": 4,
+    "medadapt.module": 5,
+    "medadapt.rl": 6,
+    "medadapt.commands": 7,
+    "medadapt.cli": 8,
+    "medadapt.__main__": 9,
 }
 
 
@@ -95,3 +96,12 @@ def test_data_code_never_reaches_into_the_trainer_and_the_module_never_into_the_
     for path in (PACKAGE / "data").rglob("*.py"):
         assert "lightning_module" not in path.read_text(), path
     assert "trainer.datamodule" not in (PACKAGE / "module.py").read_text()
+
+
+def test_rl_stands_above_the_sft_module_on_the_shared_core():
+    """GRPO is its own LightningModule on the training core, not a mode of CausalLMModule: module.py imports nothing
+    from rl/, and neither does the core."""
+    graph = imports()
+    for name in ("medadapt.module", "medadapt.training"):
+        assert not [m for m in graph[name] if m.startswith("medadapt.rl")], name
+    assert "medadapt.training" in graph["medadapt.rl.module"]

@@ -58,7 +58,12 @@ def write_configs(tmp_path, model: str, sft_file: str) -> None:
                        "rl_config": "rl.yaml",
                        "retrieval": {"top_k": 2}, "max_context_tokens": 128, "shared_data": str(DATA)},
     }
-    configs["rl.yaml"]["model"]["rl"] = {"group_size": 2, "max_new_tokens": 4, "eval_max_new_tokens": 4}
+    rl = configs["rl.yaml"]
+    rl["model"] = {"class_path": "medadapt.rl.module.GRPOModule",
+                   "init_args": {**rl["model"], "rl": {"group_size": 2, "max_new_tokens": 4, "truncation": "keep",
+                                                       "validation": {"max_new_tokens": 4, "answer_budget": 0}}}}
+    configs["study.yaml"].update(modes=["loglikelihood", "generate"],
+                                 generate_args=["--data.init_args.generation", "{max_new_tokens: 6, answer_budget: 2}"])
     for name, cfg in configs.items():
         (tmp_path / name).write_text(yaml.safe_dump(cfg))
 
@@ -80,13 +85,20 @@ def test_study_end_to_end_then_reuses_everything(tiny_qwen, short_sft_file, tmp_
     write_configs(tmp_path, tiny_qwen, short_sft_file)
     out = run_study(tmp_path)
     work = tmp_path / "study"
-    table = (work / "comparison.md").read_text()
-    assert table in out  # printed and written
-    header = table.splitlines()[0]
-    assert header.split(" | ")[1:-1] == sorted(TASKS)  # nine task columns (+ method, macro avg)
-    for method in METHODS:
-        assert sum(line.startswith(f"| {method} | ") and line.count("[") == 9 for line in table.splitlines()) == 1
-    assert (work / "comparison.png").stat().st_size > 1000
+    comparison = (work / "comparison.md").read_text()
+    likelihood, generative = comparison.split("## Generative")
+    assert likelihood.startswith("## Log-likelihood")  # both protocols, each labelled, each with its own tests
+    for section in (likelihood, generative):
+        table = section[section.index("| method |") : section.index("\nChart:")]
+        assert table in out  # printed
+        header = table.splitlines()[0]
+        assert header.split(" | ")[1 : 1 + len(TASKS)] == sorted(TASKS)  # nine task columns (+ method, macro avg)
+        for method in METHODS:
+            assert sum(line.startswith(f"| {method} | ") and line.count("[") == 9 for line in table.splitlines()) == 1
+    assert "unparsable replies" in generative and "unparsable" not in likelihood
+    for mode in ("loglikelihood", "generate"):
+        assert (work / f"comparison-{mode}.png").stat().st_size > 1000
+    assert json.loads((work / "results" / "sft_rl-generate" / "results.json").read_text())["data"]["mode"] == "generate"
     for method in ("rag", "sft_rag"):
         preds = [json.loads(line) for line in open(work / "results" / method / "predictions.jsonl")]
         assert len(preds) == 18 and all(p["retrieved_ids"] for p in preds)
@@ -119,5 +131,5 @@ def test_study_end_to_end_then_reuses_everything(tiny_qwen, short_sft_file, tmp_
 
     before = snapshot(tmp_path)
     again = run_study(tmp_path)
-    assert table in again
+    assert generative[generative.index("| method |") : generative.index("\nChart:")] in again
     assert snapshot(tmp_path) == before  # wrote nothing: no embedding, no training, no evaluation

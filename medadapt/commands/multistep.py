@@ -59,6 +59,13 @@ class Stage:
     base_adapters: Optional[list[str]] = None
 
 
+def model_args(cfg: dict) -> dict:
+    """The model's arguments in a fit config, written flat (``model: {model: …, lora: …}``, the default module) or
+    with a class (``model: {class_path: …GRPOModule, init_args: {…}}``); created empty when absent."""
+    model = cfg.setdefault("model", {})
+    return model.setdefault("init_args", {}) if "class_path" in model else model
+
+
 def stage_config(stage: Stage, stage_dir: Path, previous: Optional[dict]) -> dict:
     """The stage's fit config, pointed at its own folders (and, after ``previous``, stacked on its adapters).
 
@@ -72,11 +79,11 @@ def stage_config(stage: Stage, stage_dir: Path, previous: Optional[dict]) -> dic
         logger["init_args"] = {"save_dir": "lightning_logs", **logger.get("init_args", {}),
                                "name": f"{stage_dir.parent.name}-{stage.name}"}
         trainer["logger"] = logger
-    model = cfg.setdefault("model", {})
+    model = model_args(cfg)
     if stage.base_adapters is not None:
         model.setdefault("model", {})["base_adapters"] = [str(a) for a in stage.base_adapters]
     if previous is not None:
-        prev_model = previous["model"].get("model") or {}
+        prev_model = model_args(previous).get("model") or {}
         own = model.setdefault("model", {})
         if own.get("name_or_path", prev_model.get("name_or_path")) != prev_model.get("name_or_path"):
             raise ValueError(f"stage {stage.name!r} ({stage.config}) trains {own['name_or_path']!r} but starts from a "
@@ -97,11 +104,13 @@ def stage_fingerprint(stage: Stage, cfg: dict) -> dict:
     from medadapt.fingerprint import adapter_digest, digest_value, file_digest
     from medadapt.model import ModelConfig, base_identity
 
-    model = (cfg.get("model") or {}).get("model") or {}
+    model = model_args(dict(cfg, model=dict(cfg.get("model") or {}))).get("model") or {}
     name = model.get("name_or_path") or ModelConfig.name_or_path
     files = []
-    data = ((cfg.get("data") or {}).get("init_args") or {}).get("data_files")
-    for value in [data, *[b for a, b in zip(stage.args, stage.args[1:]) if a.endswith("data_files")]]:
+    data = (cfg.get("data") or {}).get("init_args") or {}
+    listed = [data.get("data_files"), (data.get("pubmedqa") or {}).get("data_file"),
+              *[source.get("data_files") for source in data.get("sources") or [] if isinstance(source, dict)]]
+    for value in [*listed, *[b for a, b in zip(stage.args, stage.args[1:]) if a.endswith(("data_files", "data_file"))]]:
         if isinstance(value, str) and value.startswith("["):
             value = yaml.safe_load(value)
         files += [value] if isinstance(value, str) else list(value or [])

@@ -45,6 +45,13 @@ def build_parser():
                    help="fit config of the RL stage after SFT (configs/rl.yaml), for the sft_rl arm")
     p.add_argument("--eval_config", type=str, help="test config: model, tasks, subset (configs/eval.yaml)")
     p.add_argument("--eval_args", type=list[str], default=[], help="extra overrides for every test run")
+    p.add_argument("--modes", type=list[Literal["loglikelihood", "generate"]], default=["loglikelihood"],
+                   help="how every method is scored: loglikelihood (lm-eval's protocol, the leaderboard's numbers) "
+                        "and/or generate (the model thinks and answers, DeepSeek's protocol: the RL arm's headline); "
+                        "each mode gets its own table, with its own paired tests, in one comparison")
+    p.add_argument("--generate_args", type=list[str], default=[],
+                   help="extra overrides for the generate-mode test runs, e.g. "
+                        "[\"--data.init_args.generation\", \"{backend: vllm, samples: 4}\"]")
     p.add_argument("--train_args", type=list[str], default=[], help="extra overrides for every fit stage")
     p.add_argument("--eval_in_4bit", type=bool, default=True,
                    help="evaluate every method on the nf4 base the adapters were trained on, so the "
@@ -180,25 +187,42 @@ def study_steps(a, work: Path) -> Path:
             raise ValueError("the sft_rl arm needs --rl_config (configs/rl.yaml or configs/demo/rl.yaml)")
         adapters["sft_rl"] = train("sft_rl", [Stage("rl", a.rl_config, train_args, base_adapters=[adapters["sft"]])],
                                    work, a.on_change)
-    runs = []
-    for method in a.methods:
-        results = work / "results" / method
-        layer = method_config(method, adapters, rag, a.eval_in_4bit, results)
-        layer_path = work / "configs" / f"test-{method}.yaml"
-        args = ["test", "--config", a.eval_config, "--config", str(layer_path), *a.eval_args, *hub["test"]]
-        # reuse a result only if the same command scored the same content
-        command = {"args": args, "config": layer, "scored": scored_fingerprint(layer["model"]["init_adapter"],
-                                                                              a.shared_data)}
-        if not current_result(results, command):
-            write_atomic(layer_path, yaml.safe_dump(layer, sort_keys=False))
-            (results / "study_command.json").unlink(missing_ok=True)
-            step(f"evaluate {method}", lambda: launch(args, work / "logs" / f"test-{method}.log"))
-            write_json(results / "study_command.json", command)
-        else:
-            print(f"study: evaluate {method}: reused {results / 'results.json'}", flush=True)
-        runs.append(f"{method}={results}")
-    compare([*runs, "--baseline", a.baseline, "--out", str(work / "comparison")])
+    runs: dict[str, list[str]] = {mode: [] for mode in a.modes}
+    for mode in a.modes:
+        for method in a.methods:
+            name = method if mode == "loglikelihood" else f"{method}-{mode}"
+            results = work / "results" / name
+            layer = method_config(method, adapters, rag, a.eval_in_4bit, results)
+            layer_path = work / "configs" / f"test-{name}.yaml"
+            extra = [] if mode == "loglikelihood" else ["--data.init_args.mode", mode, *a.generate_args]
+            args = ["test", "--config", a.eval_config, "--config", str(layer_path), *a.eval_args, *extra, *hub["test"]]
+            # reuse a result only if the same command scored the same content
+            command = {"args": args, "config": layer, "scored": scored_fingerprint(layer["model"]["init_adapter"],
+                                                                                  a.shared_data)}
+            if not current_result(results, command):
+                write_atomic(layer_path, yaml.safe_dump(layer, sort_keys=False))
+                (results / "study_command.json").unlink(missing_ok=True)
+                step(f"evaluate {name}", lambda: launch(args, work / "logs" / f"test-{name}.log"))
+                write_json(results / "study_command.json", command)
+            else:
+                print(f"study: evaluate {name}: reused {results / 'results.json'}", flush=True)
+            runs[mode].append(f"{method}={results}")
+    if len(a.modes) == 1:
+        compare([*runs[a.modes[0]], "--baseline", a.baseline, "--out", str(work / "comparison")])
+        return work / "comparison.md"
+    sections = []
+    for mode in a.modes:  # each protocol its own table and paired tests: never a method measured against a protocol
+        out = work / f"comparison-{mode}"
+        compare([*runs[mode], "--baseline", a.baseline, "--out", str(out)])
+        sections.append(f"## {MODE_TITLES[mode]}\n\n{out.with_name(out.name + '.md').read_text()}\n"
+                        f"Chart: {out.name}.png\n")
+    write_atomic(work / "comparison.md", "\n".join(sections))
     return work / "comparison.md"
+
+
+#: how each scoring mode is labelled in a study's comparison
+MODE_TITLES = {"loglikelihood": "Log-likelihood (lm-evaluation-harness protocol: the leaderboard's numbers)",
+               "generate": "Generative (DeepSeek's protocol: the model thinks, then answers; sampled, budget-forced)"}
 
 
 def main(argv: list[str]) -> None:

@@ -36,6 +36,8 @@ class GenerationConfig:
             need 2,000+).
         temperature: Sampling temperature; 0 decodes greedily.
         top_p: Nucleus sampling threshold.
+        top_k: Top-k filter; 0 is off (DeepSeek's protocol has none). Passed to both backends: transformers would
+            otherwise apply its own default of 50 and vLLM none, and the two would sample different distributions.
         samples: Replies per question. pass@1 is their mean correctness (DeepSeek reports it over 64);
             the item's prediction is their majority vote (maj@n). Greedy decoding needs only 1.
         seed: Seed of the sampling.
@@ -58,6 +60,7 @@ class GenerationConfig:
     max_new_tokens: int = 4096
     temperature: float = 0.6
     top_p: float = 0.95
+    top_k: int = 0
     samples: int = 1
     seed: int = 1234
     open_think: bool = True
@@ -82,6 +85,8 @@ class GenerationConfig:
             problems.append(f"temperature must be finite and ≥ 0 (got {self.temperature!r})")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             problems.append(f"top_p must be in (0, 1] (got {self.top_p!r})")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            problems.append(f"top_k must be an integer ≥ 0 (0: off; got {self.top_k!r})")
         if not (isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1):
             problems.append(f"tensor_parallel_size must be an integer ≥ 1 (got {self.tensor_parallel_size!r})")
         if problems:
@@ -93,6 +98,19 @@ class GenerationConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def sampling_kwargs(temperature: float, top_p: float = 1.0, top_k: int = 0) -> dict:
+    """``generate`` arguments that sample from exactly ``softmax(logits / temperature)`` cut by ``top_p``/``top_k``
+    (0: off) and nothing else. Every other logits processor is set to its neutral value: transformers fills what a
+    call leaves unset from the model's generation config and then from its own defaults (``top_k`` 50), so a
+    distribution-shaping setting in a checkpoint's ``generation_config.json`` would silently change what is sampled.
+    Temperature 0 is greedy decoding."""
+    if temperature == 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": 0.0,
+            "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
+            "no_repeat_ngram_size": 0, "suppress_tokens": [], "begin_suppress_tokens": []}
 
 
 @dataclass
@@ -163,7 +181,7 @@ def generate(model, tokenizer, batch: dict) -> list[list[Reply]]:
     """``generation.samples`` replies per row of a left-padded batch, with budget forcing (HF backend)."""
     g: GenerationConfig = batch["generation"]
     eos = tokenizer.eos_token_id
-    sampling = {"do_sample": False} if g.greedy else {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p}
+    sampling = sampling_kwargs(g.temperature, g.top_p, g.top_k)
     if not g.greedy:  # reproducible, whatever else ran before
         torch.manual_seed(g.seed + zlib.crc32(f"{batch['gen_rows'][0].item.task}/{batch['gen_rows'][0].item.id}".encode()))
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -75,10 +75,9 @@ def served_weights(cfg: ModelConfig, adapter: Optional[str], dtype: str) -> tupl
 
         folder = cache_dir() / "vllm" / _fingerprint(cfg, adapter, dtype)
         if not (folder / "medadapt_export.json").exists():
-            log.info("merging %s + %s into %s for vLLM", cfg.name_or_path, [*cfg.base_adapters, adapter], folder)
-            partial = folder.with_name(folder.name + ".partial")
-            export(replace(cfg, gradient_checkpointing=False), adapter, str(partial), dtype=dtype)
-            partial.replace(folder)
+            merge_once(folder, lambda out: export(replace(cfg, gradient_checkpointing=False), adapter, str(out),
+                                                  dtype=dtype),
+                       f"{cfg.name_or_path} + {[*cfg.base_adapters, adapter]}")
         return str(folder), None
     model = resolve_model_path(cfg.name_or_path)
     if adapter is None:
@@ -89,6 +88,30 @@ def served_weights(cfg: ModelConfig, adapter: Optional[str], dtype: str) -> tupl
     return model, {"path": str(Path(adapter).resolve()), "rank": rank}
 
 
+def merge_once(folder: Path, write, what: str) -> None:
+    """Write the merged ``folder`` once, whoever else wants it at the same time (DDP ranks, two runs): under a file
+    lock, into a temporary folder of its own, renamed into place only when whole. A folder left by a killed merge
+    (no ``medadapt_export.json``) is discarded and redone."""
+    import shutil
+
+    from filelock import FileLock
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / "medadapt_export.json").exists():
+            return
+        log.info("merging %s into %s for vLLM", what, folder)
+        partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+        try:
+            write(partial)
+            if folder.exists():  # a half-written folder of a killed merge
+                shutil.rmtree(folder)
+            partial.replace(folder)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+
 def build_request(tokenizer, rows: list[GenRow], g: GenerationConfig, model_dir: str, lora: Optional[dict],
                   dtype: str) -> dict:
     """The worker's request: prompts as token ids, sampling, and the budget-forcing cue (``vllm_worker.py``)."""
@@ -96,8 +119,8 @@ def build_request(tokenizer, rows: list[GenRow], g: GenerationConfig, model_dir:
             "enforce_eager": g.enforce_eager, "tensor_parallel_size": g.tensor_parallel_size,
             "engine_args": g.vllm_engine_args, "prompts": [r.input_ids for r in rows],
             "thinking": [r.thinking for r in rows], "eos": [tokenizer.eos_token_id],
-            "sampling": {"n": g.samples, "temperature": g.temperature, "top_p": g.top_p, "seed": g.seed,
-                         "max_tokens": g.max_new_tokens},
+            "sampling": {"n": g.samples, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k,
+                         "seed": g.seed, "max_tokens": g.max_new_tokens},
             "force": {"budget": g.answer_budget, "close": tokenizer.encode("</think>", add_special_tokens=False),
                       "cue": tokenizer.encode(FORCED_ANSWER, add_special_tokens=False)}}
 
@@ -126,10 +149,9 @@ def worker_failure(code: int, stderr: str) -> str:
     import re
     import time
 
-    logs = cache_dir() / "vllm" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    path = logs / f"worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    path.write_text(stderr)
+    from medadapt.files import write_atomic
+
+    path = write_atomic(cache_dir() / "vllm" / "logs" / f"worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log", stderr)
     causes = list(dict.fromkeys(line.strip() for line in stderr.splitlines()
                                 if re.match(r"^\s*([A-Za-z_][\w.]*)?(Error|Exception|Exit)\b\S*:", line)))
     return (f"the vLLM worker failed (exit {code}): " + (" ← ".join(reversed(causes[-6:])) if causes else
@@ -160,12 +182,15 @@ class VLLMServer:
     rollouts, where the policy's LoRA changes after every update and each request names it anew (a fresh
     ``LoRARequest`` id per update), without paying the engine's start-up per step."""
 
-    def __init__(self, python: str, engine: dict):
+    def __init__(self, python: str, engine: dict, device: Optional[int] = None):
         self.dir = Path(tempfile.mkdtemp(prefix="medadapt-vllm-"))
         (self.dir / "engine.json").write_text(json.dumps(engine))
         self.log = self.dir / "worker.log"
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         env.pop("PYTHONPATH", None)
+        if device is not None:  # one engine per rank, each on its rank's GPU (not all on the default one)
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[device] if visible else str(device)
         self.proc = subprocess.Popen([python, str(WORKER), "--serve", str(self.dir / "engine.json")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
                                      text=True, env=env)
@@ -194,9 +219,12 @@ class VLLMServer:
         return response
 
     def close(self) -> None:
+        import shutil
+
         if self.proc.poll() is None:
             self.proc.stdin.close()
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -45,6 +45,17 @@ def cpu_engine_args(request: dict, max_model_len) -> dict:
     return {"max_model_len": length, "enable_chunked_prefill": False, "max_num_batched_tokens": max(length, 8192)}
 
 
+def chosen_logprobs(completion) -> list:
+    """The sampler's log-probability of each token it chose (``logprobs_mode: processed_logprobs``: after temperature
+    and top-k/top-p, what the token was drawn from); None where vLLM gave none."""
+    out = []
+    for token, candidates in zip(completion.token_ids, completion.logprobs or []):
+        entry = candidates.get(token) if candidates is not None else None
+        value = None if entry is None else float(entry.logprob)
+        out.append(value if value is not None and value == value and value != float("-inf") else None)
+    return out + [None] * (len(completion.token_ids) - len(out))
+
+
 def build_engine(request: dict):
     """vLLM's offline engine for ``request`` (model, dtype, LoRA slot, parallelism, engine arguments)."""
     from vllm import LLM
@@ -54,7 +65,8 @@ def build_engine(request: dict):
               "dtype": request.get("dtype", "auto"), "seed": request["sampling"]["seed"],
               "enforce_eager": request.get("enforce_eager", False),
               "tensor_parallel_size": request.get("tensor_parallel_size", 1),
-              "max_model_len": request.get("max_model_len"), "trust_remote_code": request.get("trust_remote_code", False)}
+              "max_model_len": request.get("max_model_len"), "trust_remote_code": request.get("trust_remote_code", False),
+              "logprobs_mode": request.get("logprobs_mode")}
     if lora:
         engine.update(enable_lora=True, max_lora_rank=max(8, lora["rank"]), max_loras=1)
     engine.update(cpu_engine_args(request, engine.get("max_model_len")))
@@ -78,7 +90,8 @@ def run(request: dict, llm=None) -> dict:
     s = request["sampling"]
     greedy = s["temperature"] == 0
     common = {"temperature": 0.0 if greedy else s["temperature"], "top_p": 1.0 if greedy else s["top_p"],
-              "stop_token_ids": request["eos"], "detokenize": False, "skip_special_tokens": False}
+              "top_k": 0 if greedy else s.get("top_k", 0), "stop_token_ids": request["eos"], "detokenize": False,
+              "skip_special_tokens": False, "logprobs": 0 if s.get("logprobs") else None}
     prompts = request["prompts"]
     warmup = request.get("warmup")  # benchmarks: other prompts run first, so lazy start-up work is not timed
     if warmup:
@@ -90,8 +103,8 @@ def run(request: dict, llm=None) -> dict:
               for i in range(len(prompts))]
     first = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora_request,
                          use_tqdm=False)
-    outputs = [[{"ids": list(c.token_ids), "finished": c.finish_reason == "stop", "forced": None} for c in o.outputs]
-               for o in first]
+    outputs = [[{"ids": list(c.token_ids), "finished": c.finish_reason == "stop", "forced": None,
+                 "logprobs": chosen_logprobs(c) if s.get("logprobs") else None} for c in o.outputs] for o in first]
     force = request.get("force") or {}
     todo = [(i, k) for i, samples in enumerate(outputs) for k, sample in enumerate(samples)
             if force.get("budget") and request["thinking"][i] and not sample["finished"]
@@ -103,6 +116,9 @@ def run(request: dict, llm=None) -> dict:
                             lora_request=lora_request, use_tqdm=False)
         for (i, k), o in zip(todo, more):
             outputs[i][k]["forced"] = list(o.outputs[0].token_ids)
+            outputs[i][k]["forced_finished"] = o.outputs[0].finish_reason == "stop"
+            if s.get("logprobs"):
+                outputs[i][k]["forced_logprobs"] = chosen_logprobs(o.outputs[0])
     seconds = time.perf_counter() - started
     tokens = sum(len(x["ids"]) + len(x["forced"] or []) for samples in outputs for x in samples)
     return {"outputs": outputs, "seconds": seconds, "generated_tokens": tokens}

@@ -1,2 +1,3 @@
-"""Reinforcement learning with verifiable rewards (GRPO) after SFT: the objective (``grpo.py``), one step
-(``step.py``) and the verifiable questions (``data.py``); ``CausalLMModule`` runs it when ``model.rl`` is set."""
+"""Reinforcement learning with verifiable rewards (GRPO) after SFT: its LightningModule (``module.py``), the objective
+(``grpo.py``), rollouts and rewards (``rollout.py``, ``sampler.py``), chunked scoring (``scoring.py``), the verifiable
+questions (``data.py``) and the pass-rate filter (``passrate.py``). ``configs/rl.yaml`` names ``GRPOModule``."""

@@ -70,8 +70,14 @@ class VerifiableQADataModule(DataFingerprint, L.LightningDataModule):
         sources: Multiple-choice sources by field mapping (hub dataset or local files; see ``CustomTask``: name,
             data_files or dataset, question/options/answer fields, answer_format). Their ``split`` is the one read.
         pubmedqa: PubMedQA PQA-L without its test questions; null for none.
-        max_questions: Keep at most this many questions (seeded sample of all sources); null keeps all.
-        heldout: Questions kept aside (seeded) for the greedy accuracy logged every ``val_check_interval``.
+        max_questions: Keep at most this many questions (seeded sample of all sources, or per source by ``quotas``);
+            null keeps all.
+        quotas: Share of ``max_questions`` each source gets, by source name (custom sources' ``name``; PubMedQA PQA-L
+            is ``pubmedqa_pqal``), e.g. ``{medqa_train: 0.45, medmcqa_train: 0.525, pubmedqa_pqal: 0.025}``. Every
+            source must be named and the shares must sum to 1; a source with fewer questions than its share gives all
+            it has (logged). Null: one seeded sample of all sources together, i.e. in proportion to their sizes
+            (MedMCQA's 182k would be ~94% of it).
+        heldout: Questions kept aside (seeded) for the held-out accuracy logged every ``val_check_interval``.
         decontaminate: Drop questions that overlap a leaderboard test item (word 8-grams, threshold 0.5), counted.
         benchmarks_dir: The leaderboard test items for decontamination, in the layout of shared/data/benchmarks;
             null reads them from the hub.
@@ -79,6 +85,7 @@ class VerifiableQADataModule(DataFingerprint, L.LightningDataModule):
         open_think: Open the assistant turn with ``<think>\\n`` (DeepSeek's protocol) where the template does not.
         max_prompt_length: Prompts longer than this many tokens are dropped (counted).
         batch_size: Questions per step per device (each sampled ``rl.group_size`` times).
+        val_batch_size: Held-out questions generated at once during validation.
         num_workers: DataLoader worker processes.
         seed: Seed of the held-out split, the subsample and the shuffling.
         shuffle: Shuffle the training questions each epoch.
@@ -86,14 +93,21 @@ class VerifiableQADataModule(DataFingerprint, L.LightningDataModule):
     """
 
     def __init__(self, sources: Optional[list[CustomTask]] = None, pubmedqa: Optional[PubMedQATrain] = None,
-                 max_questions: Optional[int] = None, heldout: int = 64, decontaminate: bool = True,
-                 benchmarks_dir: Optional[str] = None, instruction: str = INSTRUCTION, open_think: bool = True,
-                 max_prompt_length: int = 2048, batch_size: int = 2, num_workers: int = 0, seed: int = 4242,
-                 shuffle: bool = True, tokenizer: Optional[str] = None):
+                 max_questions: Optional[int] = None, quotas: Optional[dict[str, float]] = None, heldout: int = 64,
+                 decontaminate: bool = True, benchmarks_dir: Optional[str] = None, instruction: str = INSTRUCTION,
+                 open_think: bool = True, max_prompt_length: int = 2048, batch_size: int = 32,
+                 val_batch_size: int = 16, num_workers: int = 0, seed: int = 4242, shuffle: bool = True,
+                 tokenizer: Optional[str] = None):
         super().__init__()
-        if heldout < 0 or batch_size < 1 or max_prompt_length < 16 or (max_questions is not None and max_questions < 1):
-            raise ValueError("data: heldout must be ≥ 0, batch_size ≥ 1, max_prompt_length ≥ 16, max_questions ≥ 1 or "
-                             "null")
+        if heldout < 0 or batch_size < 1 or val_batch_size < 1 or max_prompt_length < 16 or (
+                max_questions is not None and max_questions < 1):
+            raise ValueError("data: heldout must be ≥ 0, batch_size and val_batch_size ≥ 1, max_prompt_length ≥ 16, "
+                             "max_questions ≥ 1 or null")
+        if quotas is not None:
+            if max_questions is None:
+                raise ValueError("data.quotas are shares of data.max_questions: set max_questions")
+            if any(not (0 <= v <= 1) for v in quotas.values()) or abs(sum(quotas.values()) - 1) > 1e-6:
+                raise ValueError(f"data.quotas must be shares in [0, 1] summing to 1 (got {quotas})")
         self.save_hyperparameters()
         as_dict = lambda c: asdict(c) if hasattr(c, "__dataclass_fields__") else c  # noqa: E731
         self.sources = [c if isinstance(c, CustomTask) else CustomTask(**c) for c in (sources or [])]
@@ -131,10 +145,33 @@ class VerifiableQADataModule(DataFingerprint, L.LightningDataModule):
             items += load_pubmedqa_train(self.pubmedqa, test_ids)
         if self.hparams.decontaminate:
             items = self._decontaminated(items)
+        if self.hparams.quotas is not None:
+            return self._by_quota(items)
         if self.hparams.max_questions is not None and len(items) > self.hparams.max_questions:
             keep = sorted(random.Random(self.hparams.seed).sample(range(len(items)), self.hparams.max_questions))
             items = [items[i] for i in keep]
         return items
+
+    def _by_quota(self, items: list[Item]) -> list[Item]:
+        """A seeded sample of each source, of its share of ``max_questions``."""
+        import random
+
+        names = {c.name for c in self.sources} | ({"pubmedqa_pqal"} if self.pubmedqa is not None else set())
+        quotas = self.hparams.quotas
+        if set(quotas) != names:
+            raise ValueError(f"data.quotas must name every source once: sources {sorted(names)}, quotas "
+                             f"{sorted(quotas)}")
+        out = []
+        for name in sorted(quotas):
+            pool = [it for it in items if it.task == name]
+            want = round(quotas[name] * self.hparams.max_questions)
+            if len(pool) < want:
+                log.warning("data.quotas: %s has %d questions, fewer than its share (%d); all are used", name,
+                            len(pool), want)
+            keep = sorted(random.Random(f"{self.hparams.seed}/{name}").sample(range(len(pool)), min(want, len(pool))))
+            out += [pool[i] for i in keep]
+            log.info("data.quotas: %d questions from %s", min(want, len(pool)), name)
+        return out
 
     def _decontaminated(self, items: list[Item]) -> list[Item]:
         from collections import Counter
@@ -181,9 +218,14 @@ class VerifiableQADataModule(DataFingerprint, L.LightningDataModule):
             raise ValueError(f"no training questions left ({len(rows)} usable, {len(held)} held out)")
         log.info("%d training questions, %d held out", len(self.train_rows), len(self.val_rows))
 
+    def keep_train_rows(self, rows: list) -> None:
+        """Train on these rows only (the pass-rate filter's choice, made before the first loader is built)."""
+        self.train_rows = list(rows)
+
     def _loader(self, rows: list, train: bool):
-        return stateful_loader(rows, self.batch_size, self.trainer, train, self.hparams.seed, self.hparams.shuffle,
-                               self.hparams.num_workers, partial(collate_generate, pad_id=self.tokenizer.pad_token_id))
+        return stateful_loader(rows, self.batch_size if train else self.hparams.val_batch_size, self.trainer, train,
+                               self.hparams.seed, self.hparams.shuffle, self.hparams.num_workers,
+                               partial(collate_generate, pad_id=self.tokenizer.pad_token_id))
 
     def train_dataloader(self):
         return self._loader(self.train_rows, train=True)

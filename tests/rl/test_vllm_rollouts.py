@@ -1,5 +1,7 @@
-"""RL rollouts from a running vLLM engine: it serves the policy as it is after each update (a fresh LoRARequest
-per update), token for token what the HF policy generates (fp32, greedy), and one GRPO step runs on them."""
+"""RL rollouts from a running vLLM engine: it serves the policy as it is after each update (a fresh LoRARequest per
+update, only the latest adapter folder kept), token for token what the HF policy generates (fp32, greedy); sampled
+at T = 0.6 its own log-probabilities are the trainer's scores of the same tokens (importance weights ≈ 1); and a
+GRPO step runs on its rollouts."""
 
 from __future__ import annotations
 
@@ -9,47 +11,47 @@ import pytest
 import torch
 
 from ..eval.test_vllm import SMOL, have_vllm
-from .test_step import rl_module
+from .test_module import rl_module
 
 pytestmark = pytest.mark.slow
 
 
-def test_the_engine_serves_the_current_lora_after_every_update(tmp_path, monkeypatch):
-    from medadapt.eval.generative import collate_generate
-    from medadapt.rl.data import VerifiableQADataModule
-    from medadapt.rl.step import policy_server, sample_vllm
-    from medadapt.rl.step import grpo_step
-
+def o1_source(tmp_path, monkeypatch, n: int, cut: int) -> dict:
+    """vLLM available, its caches in ``tmp_path``, and ``n`` o1 questions cut to ``cut`` characters as a source."""
     from ..conftest import SFT_SAMPLE
 
     have_vllm(monkeypatch)
     monkeypatch.setenv("MEDADAPT_CACHE", str(tmp_path / "cache"))
-    rows = json.load(open(SFT_SAMPLE))[:6]
     path = tmp_path / "q.jsonl"
-    path.write_text("".join(json.dumps({"question": r["question"][:120], "options": r["options"],
-                                        "answer": r["answer_idx"]}) + "\n" for r in rows))
+    path.write_text("".join(json.dumps({"question": r["question"][:cut], "options": r["options"],
+                                        "answer": r["answer_idx"]}) + "\n" for r in json.load(open(SFT_SAMPLE))[:n]))
+    return {"name": "q", "data_files": str(path), "answer_format": "letter", "on_bad_row": "skip"}
+
+
+def test_the_engine_serves_the_current_lora_and_scores_what_the_trainer_scores(tmp_path, monkeypatch):
+    from medadapt.eval.generative import collate_generate
+    from medadapt.rl.data import VerifiableQADataModule
+    from medadapt.rl.rollout import Sampling
+    from medadapt.rl.sampler import PolicySampler
+    from medadapt.rl.scoring import collate_scoring, completion_logprobs
+
+    source = o1_source(tmp_path, monkeypatch, 6, 120)
     torch.manual_seed(0)
-    module = rl_module(SMOL, tokens=8, group=2, backend="vllm", enforce_eager=True)
+    module = rl_module(SMOL, max_new_tokens=8, group_size=2, backend="vllm", enforce_eager=True)
     module.build_model(training=True)
     module.max_prompt_tokens = 512
-    data = VerifiableQADataModule(sources=[{"name": "q", "data_files": str(path), "answer_format": "letter"}],
-                                  decontaminate=False, heldout=0, open_think=False)
+    data = VerifiableQADataModule(sources=[source], decontaminate=False, heldout=0, open_think=False)
     data.connect(module.tokenizer)
     data.setup("fit")
     batch = collate_generate(data.train_rows[:3], pad_id=module.tokenizer.pad_token_id)
-    server = policy_server(module)
+    gen_rows = batch["gen_rows"]
+    sampler = PolicySampler(module)
     try:
         for update in range(2):  # the policy changes; the engine must follow it
             for name, p in module.model.named_parameters():
                 if "lora_B" in name and ".default." in name:
                     p.data.normal_(0, 0.05 * (update + 1))
-            adapter = tmp_path / f"policy{update}"
-            module.model.save_pretrained(str(adapter), selected_adapters=["default"])
-            response = server.generate({
-                "prompts": [r.input_ids for r in batch["gen_rows"]], "thinking": [False] * 3, "force": {},
-                "eos": [module.tokenizer.eos_token_id], "sampling": {"n": 1, "temperature": 0.0, "top_p": 1.0,
-                                                                   "seed": 0, "max_tokens": 8},
-                "lora": {"path": str(adapter), "rank": 8, "id": update + 1, "name": f"p{update}"}})
+            greedy = sampler.sample(gen_rows, 1, Sampling(0.0, 1.0, 0, 8), seed=0)
             module.model.eval()
             with torch.no_grad():
                 hf = module.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -57,14 +59,31 @@ def test_the_engine_serves_the_current_lora_after_every_update(tmp_path, monkeyp
                                            pad_token_id=module.tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
             module.model.train()
             eos = module.tokenizer.eos_token_id
-            for got, want in zip(response["outputs"], hf.tolist()):
+            for got, want in zip(greedy, hf.tolist()):
                 want = want[: want.index(eos) + 1] if eos in want else want
-                assert [t for t in got[0]["ids"] if t != eos] == [t for t in want if t != eos]
-        rollout = sample_vllm(module, batch, module.rl_cfg)
-        assert rollout["completion_mask"].sum() > 0 and rollout["input_ids"].shape[0] == 3 * 2
-        module._trainer = None
-        loss, stats = grpo_step(module, batch)
-        assert torch.isfinite(loss) and stats["completion_length"] > 0
+                assert [t for t in got.ids if t != eos] == [t for t in want if t != eos]
+            assert [p.name for p in sampler.server.dir.glob("policy*")] == [sampler.sent.name]  # the latest only
+        sampled = sampler.sample(gen_rows, 2, Sampling(0.6, 1.0, 0, 8), seed=1)
+        scoring = collate_scoring([c.prompt for c in sampled], [c.ids for c in sampled], [c.sampled for c in sampled],
+                                  module.tokenizer.pad_token_id, [c.sampler_logp for c in sampled])
+        with torch.no_grad():
+            trainer_logp, _ = completion_logprobs(module.model, scoring, 0.6)
+        known = scoring["score_mask"].bool() & ~torch.isnan(scoring["sampler_logp"])
+        assert known.sum() > 10
+        diff = (trainer_logp - scoring["sampler_logp"])[known]
+        assert diff.abs().max() < 1e-3  # fp32 on both sides: importance weights ≈ 1
     finally:
-        server.close()
-        module._vllm_server = None
+        sampler.close()
+
+
+def test_a_grpo_step_runs_on_vllm_rollouts_with_importance_weights(tmp_path, monkeypatch):
+    """The whole step on vLLM rollouts (SmolLM2: vLLM's CPU attention needs head_dim ≥ 32): the importance weights are
+    logged and near 1."""
+    from .test_module import parity, questions, run
+
+    source = o1_source(tmp_path, monkeypatch, 8, 80)
+    module, record = run(SMOL, tmp_path / "run", 1, source, monkeypatch, parity, backend="vllm", enforce_eager=True,
+                         max_new_tokens=6, data=questions(source, heldout=0))
+    stats = record.stats[0]
+    assert stats["rl/loss_tokens"] > 0 and 0.9 < stats["rl/importance_weight"] < 1.1
+    module.sampler.close()
