@@ -11,16 +11,24 @@ plugin (bf16-mixed autocast), packing, the chunked loss, fused AdamW, clipping, 
 
   seed-trainer  transformers.Trainer itself with the seed's TrainingArguments (fp16, batch 2 x accumulation 4,
                 adamw_torch_fused, padded batches, gradient checkpointing) on the same 4-bit LoRA model
-  sft.yaml      configs/sft.yaml as shipped: every ``auto`` (attention, checkpointing, Liger), 3 rows x 1
-  sdpa          the lever baseline (the previous defaults): sdpa, checkpointing on, 1 row x 3, no Liger
+  sft.yaml      configs/sft.yaml as shipped: every ``auto`` (attention, checkpointing, Liger, compile), bf16 frozen
+                base, medadapt's LoRA forward, padding-free varlen rows, 3 rows x 1 (right after the seed arm)
+  issue-19      the defaults before issue 26: fp32 frozen base, PEFT's LoRA forward, no compilation
+  fp32-frozen, peft-lora, no-compile, dropout0   that one of issue 26's levers undone (or, dropout0, added) alone
+  sdpa          the attention lever baseline: sdpa, checkpointing on, 1 row x 3, no Liger
   varlen, flash_attention_2, flex_attention   that attention alone (the last two where they run)
   no-ckpt       checkpointing off alone;  micro3: 3 rows x 1 alone;  liger: Liger alone (where installed)
+  ckpt-4096     sft.yaml with checkpointing forced on, one row of 4,096 tokens: its peak memory (goal ≤ 8 GB)
   all           every lever: the best attention here, no checkpointing, 3 x 1, Liger where installed
 
-Reported per arm: real (non-padding) tokens/s over the timed steps; MFU = tokens/s x 6N / the card's dense bf16
-peak, N = matmul weights of the decoder and the LM head (attention FLOPs and checkpointing's recompute are not
-counted: a lower bound of the work done); peak allocated memory over the timed steps; the ratio to
-seed-trainer; the loss of each optimizer step. Every medadapt arm starts from the same weights and LoRA init on
+Every arm runs in a process of its own (nothing an earlier arm left in memory, no patch Liger made, changes a later
+one; the memory allocated when it starts is reported). Reported per arm: real (non-padding) tokens/s over the timed
+steps; MFU two ways against the card's dense bf16 peak: ``6N`` per real token (N = matmul weights of the decoder and
+the LM head: every weight trained, an overcount for a frozen base) and the frozen-base count, what the step really
+multiplies: 4 × decoder weights (forward, and the gradient with respect to activations; no weight gradient for the
+frozen 4-bit base) + 6 × LoRA weights + 4 × LM head, + 2 × decoder weights more with activation checkpointing
+(recompute); attention FLOPs are not counted in either (a lower bound); peak allocated memory over the timed
+steps; the ratio to seed-trainer; the loss of each optimizer step. Every medadapt arm starts from the same weights and LoRA init on
 the same first rows, so its first loss must equal sft.yaml's within bf16 noise (``LOSS_RTOL``; the seed's
 Trainer sees other examples per step and weighs them per micro-batch: its loss is shown, not compared). Each
 attention arm also checks, after its run, that a packed example's logits equal the example's alone through
@@ -57,6 +65,8 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 LOSS_RTOL = 1e-2
 #: a packed example's logits against the example alone, relative to the largest |logit| (bf16)
 PACKED_RTOL = 5e-2
+#: arms that pack other rows (longer), so their first loss is not sft.yaml's
+OTHER_ROWS = ("ckpt-4096",)
 
 
 def build_model_dir(arch: dict, tokenizer: str, out: Path) -> str:
@@ -76,9 +86,26 @@ def build_model_dir(arch: dict, tokenizer: str, out: Path) -> str:
 
 def matmul_params(arch: dict) -> int:
     """Weights that take part in matmuls (decoder projections + LM head), counted from the config."""
+    return decoder_params(arch) + arch["vocab_size"] * arch["hidden_size"]
+
+
+def decoder_params(arch: dict) -> int:
     d, i = arch["hidden_size"], arch["intermediate_size"]
     kv = arch["num_key_value_heads"] * (d // arch["num_attention_heads"])
-    return arch["num_hidden_layers"] * (2 * d * d + 2 * d * kv + 3 * d * i) + arch["vocab_size"] * d
+    return arch["num_hidden_layers"] * (2 * d * d + 2 * d * kv + 3 * d * i)
+
+
+def lora_params(arch: dict, r: int = 16) -> int:
+    """LoRA r on every linear projection of the decoder: r x (in + out) per projection."""
+    d, i = arch["hidden_size"], arch["intermediate_size"]
+    kv = arch["num_key_value_heads"] * (d // arch["num_attention_heads"])
+    return arch["num_hidden_layers"] * r * (2 * (d + d) + 2 * (d + kv) + 3 * (d + i))
+
+
+def frozen_base_flops(arch: dict, checkpointing: bool) -> int:
+    """FLOPs per token of a QLoRA step: frozen decoder 4N (+2N recompute), LoRA 6N, LM head 4N."""
+    head = arch["vocab_size"] * arch["hidden_size"]
+    return 2 * ((2 + (1 if checkpointing else 0)) * decoder_params(arch) + 3 * lora_params(arch) + 2 * head)
 
 
 def peak_tflops():
@@ -119,13 +146,14 @@ def make_clock(warmup: int):
                 self.tokens += (batch["segment_ids"] > 0).sum()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if trainer.global_step > len(self.losses):  # an optimizer step just ran
-                self.losses.append(float(module.last_step_loss))
+            if trainer.global_step > len(self.losses):  # an optimizer step just ran: its loss, read at the end
+                self.losses.append(module.last_step_loss)
 
         def on_train_end(self, trainer, module):
             sync()
             self.seconds = time.perf_counter() - self.start
             self.tokens = int(self.tokens)
+            self.losses = [float(x) for x in self.losses]
             self.peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
     return StepClock()
@@ -258,11 +286,8 @@ def seed_trainer_arm(ctx: dict) -> dict:
 
 
 def arm_plan(cuda: bool) -> dict[str, tuple[list[str], str | None]]:
-    """name → (CLI overrides on configs/sft.yaml, the attention it times or None), in the order they run.
-
-    Liger patches transformers' Qwen2 module for the rest of the process, so the arms that use it (sft.yaml's
-    ``auto`` where liger_kernel is installed, liger, all) run after every arm that must not; flex_attention, the
-    slowest (a compile per new length), runs last, where a time budget cuts it first."""
+    """name → (CLI overrides on configs/sft.yaml, the attention it times or None), in the order they run: the seed's
+    Trainer and sft.yaml first (a time budget cuts the tail), flex_attention (a compile per new length) last."""
     lever = ["--model.model.attn_implementation", "sdpa", "--model.model.gradient_checkpointing", "true",
              "--model.model.liger", "false", "--data.init_args.batch_size", "1",
              "--trainer.accumulate_grad_batches", "3"]
@@ -273,30 +298,65 @@ def arm_plan(cuda: bool) -> dict[str, tuple[list[str], str | None]]:
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
     flash2 = cuda and importlib.util.find_spec("flash_attn") is not None
     best = "flash_attention_2" if flash2 else "varlen"
-    shipped = {"sft.yaml": ([], "auto")}
-    core = {"sdpa": (alone(), "sdpa"), "varlen": (alone("--model.model.attn_implementation", "varlen"), "varlen")}
+    plan = {"sft.yaml": ([], "auto"),
+            "issue-19": (["--model.model.frozen_dtype", "float32", "--model.lora.fused", "false",
+                          "--model.model.compile", "false"], None),
+            "fp32-frozen": (["--model.model.frozen_dtype", "float32"], None),
+            "peft-lora": (["--model.lora.fused", "false"], None),
+            "no-compile": (["--model.model.compile", "false"], None),
+            "dropout0": (["--model.lora.dropout", "0.0"], None),
+            "ckpt-4096": (["--model.model.gradient_checkpointing", "true", "--data.init_args.max_length", "4096",
+                           "--data.init_args.batch_size", "1", "--trainer.accumulate_grad_batches", "1"], None),
+            "sdpa": (alone(), "sdpa"), "varlen": (alone("--model.model.attn_implementation", "varlen"), "varlen")}
     if flash2:
-        core["flash_attention_2"] = (alone("--model.model.attn_implementation", "flash_attention_2"),
+        plan["flash_attention_2"] = (alone("--model.model.attn_implementation", "flash_attention_2"),
                                      "flash_attention_2")
-    core["no-ckpt"] = (alone("--model.model.gradient_checkpointing", "false"), None)
-    core["micro3"] = (alone("--data.init_args.batch_size", "3", "--trainer.accumulate_grad_batches", "1"), None)
+    plan["no-ckpt"] = (alone("--model.model.gradient_checkpointing", "false"), None)
+    plan["micro3"] = (alone("--data.init_args.batch_size", "3", "--trainer.accumulate_grad_batches", "1"), None)
     if cuda:  # the fp16 path (GPUs without bf16): grad scaler + clipping, fused AdamW asked for and dropped
-        core["fp16"] = (["--trainer.precision", "16-mixed", "--model.model.compute_dtype", "float16",
+        plan["fp16"] = (["--trainer.precision", "16-mixed", "--model.model.compute_dtype", "float16",
                          "--model.model.liger", "false"], None)
-    late = {"liger": (alone("--model.model.liger", "true"), None)} if liger else {}
-    late["all"] = (alone("--model.model.attn_implementation", best, "--model.model.gradient_checkpointing", "false",
+    if liger:
+        plan["liger"] = (alone("--model.model.liger", "true"), None)
+    plan["all"] = (alone("--model.model.attn_implementation", best, "--model.model.gradient_checkpointing", "false",
                          "--data.init_args.batch_size", "3", "--trainer.accumulate_grad_batches", "1",
                          "--model.model.liger", "true" if liger else "false"), best)
     if cuda and importlib.util.find_spec("triton") is not None:
-        late["flex_attention"] = (alone("--model.model.attn_implementation", "flex_attention"), "flex_attention")
-    return {**core, **shipped, **late} if liger else {**shipped, **core, **late}
+        plan["flex_attention"] = (alone("--model.model.attn_implementation", "flex_attention"), "flex_attention")
+    return plan
+
+
+def run_arm(name: str, ctx: dict, cuda: bool) -> dict:
+    """One arm in this process: the memory already allocated when it starts, then its figures."""
+    start = {"allocated_at_start_gib": torch.cuda.memory_allocated() / 2**30 if cuda else None,
+             "free_at_start_gib": torch.cuda.mem_get_info()[0] / 2**30 if cuda else None}
+    result = seed_trainer_arm(ctx) if name == "seed-trainer" else medadapt_arm(ctx, *arm_plan(cuda)[name])
+    return {**start, **result}
+
+
+def isolated(name: str, argv: list[str]) -> dict:
+    """``name`` run by this script in a fresh process (``--one``): nothing earlier arms left behind changes it."""
+    import os
+    import subprocess
+
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--one", name, "--json", path],
+                          capture_output=True, text=True, env=env)
+    try:
+        if proc.returncode:
+            return {"error": f"exit {proc.returncode}: " + (proc.stderr or proc.stdout)[-1500:]}
+        return json.loads(Path(path).read_text())["arms"][name]
+    finally:
+        Path(path).unlink(missing_ok=True)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="CPU proof: a 2-layer model, 256-token rows (cut to fit)")
     ap.add_argument("--model-dir", help="a model folder of the architecture (default: build the R1-Distill-1.5B "
-                                        "architecture, or the tiny one, with random weights)")
+                                        "architecture, or the tiny one, with random weights, in a temporary folder)")
     ap.add_argument("--tokenizer", default=str(SHARED / "fixtures" / "deepseek-r1-distill-qwen-tokenizer"))
     ap.add_argument("--sft", default=str(SHARED / "data" / "sft" / "medical_o1_reasoning_sample.json"))
     ap.add_argument("--seq", type=int, help="packed row length (default 2048, tiny 256)")
@@ -304,6 +364,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps per arm (default 5; tiny 2)")
     ap.add_argument("--arms", nargs="*", help="run only these arms (default: every arm that runs here)")
     ap.add_argument("--budget-s", type=float, default=None, help="skip the arms that would start after this many s")
+    ap.add_argument("--in-process", action="store_true", help="every arm in this process (default: one process each)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # the child of ``isolated``
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # argv is this script's
@@ -320,11 +382,20 @@ def main(argv=None) -> dict:
     n = matmul_params(arch)
     card = torch.cuda.get_device_name() if cuda else "CPU (not a GPU run)"
     report = {"device": card, "matmul_params": n, "seq": ctx["seq"], "warmup_steps": ctx["warmup"],
-              "timed_steps": ctx["steps"], "flops_convention": "6N per real token, N = decoder + LM head matmul weights",
-              "arms": {}}
+              "timed_steps": ctx["steps"], "flops_convention": "6N per real token, N = decoder + LM head matmul "
+              "weights; and the frozen-base count (4N decoder + 6N LoRA + 4N head, + 2N decoder with checkpointing)",
+              "frozen_flops": {"on": frozen_base_flops(arch, True), "off": frozen_base_flops(arch, False)}, "arms": {}}
+    if args.one:  # a child: one arm, here
+        try:
+            report["arms"][args.one] = run_arm(args.one, ctx, cuda)
+        except Exception as e:  # the parent reports it and goes on
+            report["arms"][args.one] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        return report
     print(f"fit_speed: {card}; {n / 1e9:.2f}B matmul params, rows of {ctx['seq']}, {ctx['warmup']} + {ctx['steps']} steps")
-    plan = {"seed-trainer": None, **arm_plan(cuda)}
-    for name, spec in plan.items():
+    child = ["--model-dir", model_dir, "--tokenizer", args.tokenizer, "--sft", args.sft, "--seq", str(ctx["seq"]),
+             "--warmup", str(ctx["warmup"]), "--steps", str(ctx["steps"])] + (["--tiny"] if args.tiny else [])
+    for name in ["seed-trainer", *arm_plan(cuda)]:
         if args.arms and name not in args.arms:
             continue
         if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
@@ -332,11 +403,14 @@ def main(argv=None) -> dict:
             print(f"  {name:18s} skipped (budget)")
             continue
         t0 = time.perf_counter()
-        try:
-            result = seed_trainer_arm(ctx) if spec is None else medadapt_arm(ctx, *spec)
-        except Exception as e:  # one run shows every arm: report and go on
-            result = {"error": f"{type(e).__name__}: {e}"[-2000:]}
-            free_memory()
+        if args.in_process:
+            try:
+                result = run_arm(name, ctx, cuda)
+            except Exception as e:  # one run shows every arm: report and go on
+                result = {"error": f"{type(e).__name__}: {e}"[-2000:]}
+                free_memory()
+        else:
+            result = isolated(name, child)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         report["arms"][name] = result
         summarize_arm(name, result, report)
@@ -352,10 +426,13 @@ def summarize_arm(name: str, r: dict, report: dict) -> None:
         return
     peak = peak_tflops()
     r["mfu"] = r["tokens_per_s"] * 6 * report["matmul_params"] / (peak * 1e12) if peak else None
-    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    frozen = report["frozen_flops"]["on" if r["checkpointing"] else "off"]
+    r["mfu_frozen"] = r["tokens_per_s"] * frozen / (peak * 1e12) if peak else None
+    mfu = (f"{100 * r['mfu']:.1f}% ({100 * r['mfu_frozen']:.1f}% frozen)" if r["mfu"] is not None else "n/a")
     mem = f"{r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else "n/a"
     losses = ", ".join(f"{x:.3f}" for x in r["losses"][:3])
     print(f"  {name:18s} {r['tokens_per_s']:9.0f} tok/s  MFU {mfu:>6s}  peak {mem:>9s}  "
+          f"at start {r.get('allocated_at_start_gib') or 0:.1f} GiB  "
           f"{r['attention']}, ckpt {'on' if r['checkpointing'] else 'off'}, {r['micro_batch_rows']}x{r['accumulation']}"
           f"  losses {losses}" + (f"  packed Δ {r['packed_max_rel']:.1e}" if "packed_max_rel" in r else ""))
 
@@ -369,7 +446,7 @@ def finish(report: dict) -> None:
         if "tokens_per_s" not in r:
             continue
         r["ratio_to_seed_trainer"] = r["tokens_per_s"] / seed if seed else None
-        if name != "seed-trainer" and ref is not None and r["losses"]:
+        if name not in ("seed-trainer", *OTHER_ROWS) and ref is not None and r["losses"]:
             r["first_loss_rel_diff"] = abs(r["losses"][0] - ref) / abs(ref)
             if r["first_loss_rel_diff"] > LOSS_RTOL:
                 r["error"] = (r.get("error", "") + f" first loss {r['losses'][0]:.4f} vs sft.yaml {ref:.4f}").strip()
@@ -383,16 +460,17 @@ def markdown(report: dict) -> list[str]:
     """The arms as a markdown table (gpu_check.md)."""
     lines = [f"## SFT step as `fit` runs it, rows of {report['seq']} ({report['warmup_steps']} warm-up + "
              f"{report['timed_steps']} timed steps; MFU: {report['flops_convention']})", "",
-             "| arm | attention | ckpt | rows x accum | tokens/s | MFU | peak GiB | x seed Trainer | first losses | "
-             "packed Δ | note |", "|---|---|---|---|---:|---:|---:|---:|---|---:|---|"]
+             "| arm | attention | ckpt | rows x accum | tokens/s | MFU 6N | MFU frozen | peak GiB | x seed Trainer | "
+             "first losses | packed Δ | note |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
     for name, r in report["arms"].items():
         if "tokens_per_s" not in r:
-            lines.append(f"| {name} | | | | | | | | | | {r.get('skipped') or r.get('error', '')[:120]} |")
+            lines.append(f"| {name} | | | | | | | | | | | {r.get('skipped') or r.get('error', '')[:120]} |")
             continue
         fmt = lambda v, f: (f.format(v) if v is not None else "n/a")  # noqa: E731
         lines.append(f"| {name} | {r['attention']} | {'on' if r['checkpointing'] else 'off'} | "
                      f"{r['micro_batch_rows']} x {r['accumulation']} | {r['tokens_per_s']:.0f} | "
-                     f"{fmt(r.get('mfu') and 100 * r['mfu'], '{:.1f}%')} | {fmt(r.get('peak_gib'), '{:.1f}')} | "
+                     f"{fmt(r.get('mfu') and 100 * r['mfu'], '{:.1f}%')} | "
+                     f"{fmt(r.get('mfu_frozen') and 100 * r['mfu_frozen'], '{:.1f}%')} | {fmt(r.get('peak_gib'), '{:.1f}')} | "
                      f"{fmt(r.get('ratio_to_seed_trainer'), '{:.2f}')} | "
                      f"{', '.join(f'{x:.3f}' for x in r['losses'][:3])} | "
                      f"{fmt(r.get('packed_max_rel'), '{:.1e}')} | {r.get('error', '')[:120]} |")

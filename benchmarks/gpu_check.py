@@ -6,19 +6,21 @@
 Steps (each timed; a failing step is reported and the others still run), sized to finish in under 5 minutes
 from a cold start on one H100/H200 so that a second attempt fits one 15-minute device session:
   1. build      the R1-Distill-Qwen-1.5B architecture with random weights (bf16), saved once.
-  2. fit_speed  benchmarks/fit_speed.py: configs/sft.yaml through medadapt's CLI and Trainer.fit against the
-                seed's transformers.Trainer, and every lever alone and together (attention, checkpointing,
-                micro-batch x accumulation, Liger, fp16), each attention path checked packed vs alone; the
-                arms that would start past ``--fit-budget-s`` are reported as skipped.
+  2. fit_speed  benchmarks/fit_speed.py: the seed's transformers.Trainer, then configs/sft.yaml through medadapt's
+                CLI and Trainer.fit, then every lever alone (issue 26's bf16 frozen base, LoRA forward, compile,
+                dropout; attention, checkpointing, micro-batch x accumulation, Liger, fp16) and together, and
+                checkpointing at 4,096 tokens (peak memory), each arm in its own process, each attention path
+                checked packed vs alone; the arms that would start past ``--fit-budget-s`` are reported as
+                skipped, so the main arms never are.
   3. test       the leaderboard test stage, log-likelihood, ``bf16-true``, 20 items x 9 tasks, with the
                 adapter fit_speed's sft.yaml arm exported (its metadata says nf4): items/s, start-up excluded.
   4. generate   generative mode, HF backend, 16 MedQA prompts in one batch of 16, greedy, 256 new tokens:
                 generated tokens/s, start-up excluded.
-  5. rl_step    benchmarks/rl_step.py on the 1.5B architecture: a GRPO step (4 questions x 8 completions, 256 new
+  5. rl_step    benchmarks/rl_step.py on the 1.5B architecture: a GRPO step (2 questions x 8 completions, 128 new
                 tokens) split into generation and update, with its peak memory. (The full configs/rl.yaml step,
                 32 x 8 x 4,096 tokens, takes minutes: ``rl_step.py --gpu --full`` on its own.)
 Every figure goes to OUT/gpu_check.json and one readable OUT/gpu_check.md. Models are built from configs
-(random weights): no hub. Data: the R1 tokenizer, the SFT sample and benchmark files, from ``--assets``
+(random weights) into a temporary folder, never under OUT (which the device tool ships back): no hub. Data: the R1 tokenizer, the SFT sample and benchmark files, from ``--assets``
 (gpu_check.sh --prepare copies them beside the wheels) or ``../shared`` when it is there.
 """
 
@@ -29,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -36,6 +39,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]  # fit_speed beside it; medadapt from the checkout (not installed there)
+
+
+#: the fit_speed arms the CPU proof (``--tiny``) runs: the seed, the shipped config, the previous defaults, the 4,096
+#: checkpointing arm and the attention/step levers
+TINY_ARMS = ("seed-trainer", "sft.yaml", "issue-19", "ckpt-4096", "sdpa", "varlen", "no-ckpt", "micro3", "all")
 
 
 def assets(args) -> dict:
@@ -87,7 +95,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="where gpu_check.json, gpu_check.md and the logs go")
     ap.add_argument("--tiny", action="store_true", help="CPU proof: a 2-layer model and short rows")
     ap.add_argument("--assets", default=str(REPO / ".gpu" / "assets"), help="tokenizer, SFT sample, benchmarks")
-    ap.add_argument("--fit-budget-s", type=float, default=170.0, help="fit_speed arms start only before this")
+    ap.add_argument("--fit-budget-s", type=float, default=120.0, help="fit_speed arms start only before this")
     args = ap.parse_args()
     import torch
 
@@ -115,13 +123,17 @@ def main() -> None:
               f"({report['steps'][name]['seconds']} s)", flush=True)
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
 
-    model_dir = str(out / "model")
-    step("build", lambda: {"model": fit_speed.build_model_dir(arch, str(files["tokenizer"]), out / "model")})
+    # the 3.5 GB random-weight model and every cache live outside OUT (the device tool ships OUT back)
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    os.environ.setdefault("MEDADAPT_CACHE", str(scratch / "cache"))
+    model_dir = str(scratch / "model")
+    step("build", lambda: {"model": fit_speed.build_model_dir(arch, str(files["tokenizer"]), scratch / "model")})
 
     def speed() -> dict:
+        # the CPU proof: one arm of each kind, all of them (no budget); on a GPU every arm within the budget
+        scope = ["--tiny", "--arms", *TINY_ARMS] if args.tiny else ["--budget-s", str(args.fit_budget_s)]
         figures = fit_speed.main(["--model-dir", model_dir, "--tokenizer", str(files["tokenizer"]), "--sft",
-                                  str(files["sft"]), "--budget-s", str(args.fit_budget_s), "--json",
-                                  str(out / "fit_speed.json")] + (["--tiny"] if args.tiny else []))
+                                  str(files["sft"]), "--json", str(out / "fit_speed.json")] + scope)
         failed = [n for n, r in figures["arms"].items() if r.get("error")]
         if "tokens_per_s" not in figures["arms"].get("sft.yaml", {}) or failed:
             raise AssertionError(f"fit_speed arms failed or disagree: {failed or ['sft.yaml']}")
@@ -145,7 +157,7 @@ def main() -> None:
     rl_args = ["--model-dir", model_dir, "--benchmarks", str(files["benchmarks"]), "--sft", str(files["sft"]),
                "--json", str(out / "rl_step.json")]
     rl_args += (["--group", "2", "--max-new-tokens", "4", "--steps", "1"] if args.tiny else
-                ["--gpu", "--group", "8", "--questions", "4", "--max-new-tokens", "256", "--steps", "2"])
+                ["--gpu", "--group", "8", "--questions", "2", "--max-new-tokens", "128", "--steps", "2"])
     step("rl_step", lambda: {k: v for k, v in rl_step.main(rl_args).items() if k in (
         "step_s", "generation_s", "update_s", "rollout_tokens_per_s", "generation_share", "peak_gib")})
     write_markdown(report, speed_report, out / "gpu_check.md")

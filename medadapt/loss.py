@@ -1,16 +1,22 @@
-"""Next-token cross-entropy without the full-vocabulary logits.
+"""Next-token cross-entropy without the full-vocabulary logits, the head's matmul twice per chunk.
 
 A plain causal-LM forward materializes logits for every position: at batch 2 × 2,048 tokens and the R1
 vocabulary (151,936) that is 1.25 GB in bf16, 2.5 GB again in float32 for the loss, and as much for the
 gradient: the largest activation of a QLoRA step, although only supervised positions need logits. Here
 the decoder runs once, the hidden states of the supervised positions are picked (their indices come from
 the collate function, on the CPU, so picking them needs no host sync), and the LM head + cross-entropy run
-on chunks of them under activation checkpointing: each chunk's logits live only while that chunk is
-computed, forward and backward. The sum equals the full computation (tests/test_loss.py: loss and
-gradients within 1e-5); ``benchmarks/chunked_loss.py`` measures the peak memory of both.
+on chunks of them (``FusedLinearCrossEntropy``): each chunk's logits live only while that chunk is computed, and
+the gradient with respect to the chunk's hidden states is computed right there, in the forward (softmax − one-hot,
+times the head), so backward only scales what was kept. The head's matmul runs twice per chunk (logits, gradient),
+where checkpointing each chunk ran it three times (forward, recompute, backward); the head's weight is cast to the
+compute dtype once per call, not once per chunk (with a bf16 frozen base it needs no cast at all). A trained head
+(``modules_to_save``) gets its weight gradient in the same pass. The sum equals the full computation
+(tests/test_loss.py: loss and gradients within 1e-5); ``benchmarks/chunked_loss.py`` measures the peak memory.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +24,9 @@ from torch.utils.checkpoint import checkpoint
 
 #: supervised positions per chunk: 1,024 × 151,936 float32 logits = 0.6 GB at a time
 CHUNK = 1024
+#: float16 (GPUs without bf16): softmax − one-hot is scaled up before its cast, so probabilities below float16's
+#: smallest subnormal (6e-8: a 151,936-token vocabulary has many) are not flushed to zero, and scaled back after
+FP16_PRESCALE = 1024.0
 
 
 def supervised_targets(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,19 +37,87 @@ def supervised_targets(labels: torch.Tensor, ignore_index: int = -100) -> tuple[
     return rows * labels.shape[1] + cols, shifted[rows, cols]
 
 
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Σ cross-entropy(h Wᵀ + b, targets) over chunks of rows, gradients computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                chunk: int, dtype: torch.dtype) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        w = weight.to(dtype)  # once per call
+        b = bias.to(dtype) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, hidden.shape[0], chunk):  # a shape, not a value: no host sync
+            h, t = hidden[start : start + chunk].to(dtype), targets[start : start + chunk]
+            logits = F.linear(h, w, b).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(-1, t[:, None]).squeeze(-1)).sum()
+            if need_h or need_w or need_b:
+                d = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                d[torch.arange(t.shape[0], device=t.device), t] -= 1
+                d = (d * FP16_PRESCALE).to(dtype) if dtype == torch.float16 else d.to(dtype)
+                if need_h:
+                    grad_h[start : start + chunk] = ((d @ w) / (FP16_PRESCALE if dtype == torch.float16 else 1)).to(
+                        hidden.dtype)
+                unscale = 1 / FP16_PRESCALE if dtype == torch.float16 else 1.0
+                if need_w:
+                    grad_w.addmm_(d.t().float(), h.float(), alpha=unscale)
+                if need_b:
+                    grad_b += d.float().sum(0) * unscale
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        saved = iter(ctx.saved_tensors)
+        grad_h, grad_w, grad_b = (next(saved) if present else None for present in ctx.present)
+        scale = grad_out.to(torch.float32)
+        return (grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * scale).to(ctx.dtypes[0]) if grad_w is not None else None,
+                (grad_b * scale).to(ctx.dtypes[1]) if grad_b is not None else None, None, None, None)
+
+
+def head_linear(head) -> Optional[torch.nn.Linear]:
+    """The ``nn.Linear`` an LM head computes with (a PEFT ``modules_to_save`` wrapper resolved to its active copy), or
+    None for a head this loss cannot see through (a LoRA on the head, a custom module): that one is checkpointed."""
+    if isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear:
+        return head
+    copies = getattr(head, "modules_to_save", None)
+    if copies is not None and hasattr(head, "active_adapters"):
+        if getattr(head, "disable_adapters", False):
+            inner = head.original_module
+        else:
+            active = [a for a in head.active_adapters if a in copies]
+            inner = copies[active[0]] if active else head.original_module
+        return inner if type(inner) is torch.nn.Linear else None
+    return None
+
+
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head, index: torch.Tensor, targets: torch.Tensor,
-                          chunk: int = CHUNK) -> torch.Tensor:
+                          chunk: Optional[int] = None) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` at the flat positions ``index`` against ``targets``.
 
     ``hidden``: (batch, length, dim) decoder output; ``head``: the LM head module (a PEFT wrapper is fine).
     """
+    chunk = chunk or CHUNK
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    linear = head_linear(head)
+    if linear is not None:
+        autocast = torch.is_autocast_enabled(picked.device.type)
+        dtype = torch.get_autocast_dtype(picked.device.type) if autocast else picked.dtype
+        return FusedLinearCrossEntropy.apply(picked, linear.weight, linear.bias, targets, chunk, dtype)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, index.shape[0], chunk):  # a shape, not a value: no host sync
+    for start in range(0, index.shape[0], chunk):
         part = picked[start : start + chunk]
         if torch.is_grad_enabled() and part.requires_grad:
             total = total + checkpoint(_chunk_loss, part, targets[start : start + chunk], head, use_reentrant=False)

@@ -63,6 +63,15 @@ class ModelConfig:
         liger: Liger-Kernel's fused RoPE, RMSNorm and SwiGLU for training. ``auto``: on where ``liger_kernel``
             imports and the device is CUDA; ``true`` there only (an error elsewhere); ``false`` off. The loss
             stays medadapt's chunked cross-entropy.
+        frozen_dtype: dtype of the frozen, non-quantized weights (embeddings, norms, LM head, biases) of a 4-bit
+            training build: ``compute`` keeps them in ``compute_dtype`` (bf16: the residual stream and every
+            elementwise op move half the bytes); ``float32`` upcasts them as PEFT's ``prepare_model_for_kbit_training``
+            does (the previous default; under bf16 autocast the matmuls run bf16 either way). LoRA weights are
+            float32 in both.
+        compile: Compile each decoder layer for training (regional compilation: one graph reused by every layer).
+            ``auto``: on CUDA, checked on the first training step and turned off with a one-line reason if it
+            fails there; off on CPU (compiling takes longer than a test run trains). ``true``: on (also on CPU);
+            ``false``: off.
         trust_remote_code: Run modelling code shipped with a hub repo. Off unless you trust it.
     """
 
@@ -76,12 +85,15 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "varlen", "eager", "flex_attention", "flash_attention_2"] = "auto"
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
     liger: Union[bool, Literal["auto"]] = "auto"
+    frozen_dtype: Literal["compute", "float32"] = "compute"
+    compile: Union[bool, Literal["auto"]] = "auto"
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:  # the same checks for Python callers as the CLI's types give
         for name, allowed in (("quant_type", ("nf4", "fp4")), ("compute_dtype", ("auto", "bfloat16", "float16", "float32")),
                               ("attn_implementation", ATTENTION), ("gradient_checkpointing", (True, False, "auto")),
-                              ("liger", (True, False, "auto"))):
+                              ("liger", (True, False, "auto")), ("frozen_dtype", ("compute", "float32")),
+                              ("compile", (True, False, "auto"))):
             value = getattr(self, name)
             if not any(value is a if isinstance(a, bool) else value == a for a in allowed):
                 raise ValueError(f"model.{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
@@ -94,11 +106,16 @@ class LoraConfig:
     Args:
         r: LoRA rank.
         alpha: LoRA scaling numerator (scale = alpha / r).
-        dropout: Dropout on the adapter input.
+        dropout: Dropout on the adapter input (the seed's 0.05). With ``fused``, projections that read the same
+            input (q/k/v; gate/up) share one mask; 0 removes the dropout pass altogether (a measured lever:
+            ``benchmarks/step_traffic.py``).
         target_modules: Module names to adapt, or ``all-linear`` for every linear projection
             except the output head.
         modules_to_save: Extra modules trained in full and saved with the adapter (e.g.
             ``[embed_tokens, lm_head]`` for continual pretraining).
+        fused: Train with medadapt's LoRA forward (``medadapt/lora.py``): one dropout per distinct input, the scale
+            folded into B, the LoRA product added inside the matmul, no clone of the 4-bit output, no dropout on
+            frozen stacked adapters. ``false``: PEFT's forward. Evaluation always uses PEFT's.
     """
 
     r: int = 16
@@ -106,6 +123,7 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: Union[str, list[str]] = "all-linear"
     modules_to_save: Optional[list[str]] = None
+    fused: bool = True
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -406,7 +424,7 @@ def load_base(cfg: ModelConfig, *, training: bool):
         model.config.use_cache = False
         checkpointing = cfg.gradient_checkpointing is not False  # auto: on until the first step decides
         ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks DDP + LoRA
-        if cfg.load_in_4bit:
+        if cfg.load_in_4bit and cfg.frozen_dtype == "float32":
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(
@@ -414,6 +432,12 @@ def load_base(cfg: ModelConfig, *, training: bool):
                 use_gradient_checkpointing=checkpointing,
                 gradient_checkpointing_kwargs=ckpt_kwargs,
             )
+        elif cfg.load_in_4bit:  # PEFT's preparation without its fp32 upcast of the frozen weights
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+                model.enable_input_require_grads()
         elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
             model.enable_input_require_grads()
@@ -501,8 +525,44 @@ def load_model(cfg: ModelConfig, lora: Optional[LoraConfig] = None, *, adapter: 
         for name, p in model.named_parameters():
             if any(f".{n}." in name for n in names[1:]) or not training:
                 p.requires_grad_(False)
+    if training and names and (lora is None or lora.fused):
+        from medadapt.lora import fuse_lora
+
+        fuse_lora(model)
+    if training and compile_wanted(cfg.compile):
+        compile_layers(model)
     model.train(training)
     return model
+
+
+def compile_wanted(setting: Union[bool, str]) -> bool:
+    """``model.compile``: ``auto`` compiles on CUDA only (on a CPU compiling costs more than a test run trains)."""
+    if setting == "auto":
+        if not torch.cuda.is_available():
+            log.info("model.compile: auto is off on CPU (compilation takes longer than CPU runs train)")
+        return torch.cuda.is_available()
+    return bool(setting)
+
+
+def compile_layers(model) -> int:
+    """Regional compilation: each decoder layer's forward compiled in place (``nn.Module.compile``), so one graph
+    serves all of them (every layer has the same shapes) and the LoRA layers, the 4-bit matmuls and the attention
+    kernel are compiled where they run. Compilation happens at the first call."""
+    layers = unwrapped(model).get_decoder().layers
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def uncompile_layers(model) -> None:
+    """Back to eager decoder layers (``model.compile: auto`` when compiling failed)."""
+    for layer in unwrapped(model).get_decoder().layers:
+        layer._compiled_call_impl = None
+
+
+def is_compiled(model) -> bool:
+    return any(getattr(layer, "_compiled_call_impl", None) is not None
+               for layer in unwrapped(model).get_decoder().layers)
 
 
 def check_base_adapter(path: str, cfg: ModelConfig, below: list[str]) -> None:

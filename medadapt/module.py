@@ -65,11 +65,24 @@ class CausalLMModule(TestStage, AdapterModule):
         #: tokens one micro-batch holds at most (rows x max_length), told by the run (``cli``); null: the first
         #: batch's size. What ``gradient_checkpointing: auto`` sizes its decision by.
         self.micro_batch_tokens: Optional[int] = None
-        self._checkpointing_pending = False
+        self._checkpointing_pending = self._compile_pending = False
 
     def _load(self, cfg: ModelConfig, lora: Optional[LoraConfig], training: bool) -> None:
+        from medadapt.model import is_compiled
+
         super()._load(cfg, lora, training)
         self._checkpointing_pending = training and self.resolved_model_cfg.gradient_checkpointing == "auto"
+        self._compile_pending = training and self.resolved_model_cfg.compile == "auto" and is_compiled(self.model)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Varlen kernels take segment boundaries, not a rectangle: a packed training or validation batch goes as one
+        row of its real tokens (``packing.flatten_packed``, on the CPU), so padding costs nothing."""
+        if isinstance(batch, dict) and "segment_ids" in batch and self.model is not None:
+            if unwrapped(self.model).config._attn_implementation in VARLEN_KERNELS:
+                from medadapt.data.packing import flatten_packed
+
+                return flatten_packed(batch)
+        return batch
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Decoder hidden states of a packed batch. Packing is described by restarted ``position_ids``: with no
@@ -94,25 +107,50 @@ class CausalLMModule(TestStage, AdapterModule):
         runs only on supervised positions, in chunks (``loss.py``): no full-vocabulary logits."""
         head = unwrapped(self.model).get_output_embeddings()
         loss = chunked_cross_entropy(self(batch), head, batch["target_index"], batch["targets"])
-        return loss, torch.tensor(batch["targets"].shape[0], device=loss.device)
+        return loss, torch.full((), batch["targets"].shape[0], dtype=torch.float64, device=loss.device)  # no H2D copy
 
     # ---- training --------------------------------------------------------------------------------
     #: per optimizer step, summed over micro-batches and ranks (kept on device until the step)
     STEP_STATS = ("tokens", "loss_sum", "padding", "positions", "examples")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self._compile_pending:
+            self.settle_compile(batch)
         if self._checkpointing_pending:
             self.settle_checkpointing(batch)
         if self._step_started is None:
             self._step_started = time.perf_counter()
         loss, n = self.loss_sum(batch)
         segments = batch["segment_ids"]
-        stats = torch.stack([n.double(), loss.detach().double(), (segments == 0).sum().double(),
-                             torch.tensor(segments.numel(), dtype=torch.float64, device=segments.device),
+        stats = torch.stack([n, loss.detach().double(), (segments == 0).sum().double(),
+                             torch.full((), segments.numel(), dtype=torch.float64, device=segments.device),
                              segments.amax(dim=1).sum().double()])  # segments are numbered 1..k per row
         self._step_stats = stats if self._step_stats is None else self._step_stats + stats
         # Lightning divides this by accumulate_grad_batches; on_before_optimizer_step undoes that.
         return loss
+
+    def settle_compile(self, batch: dict[str, torch.Tensor]) -> None:
+        """``model.compile: auto``: compile the layers on a short probe of the first batch (forward and backward, on
+        its own RNG stream, gradients dropped); if that fails, go on eagerly and say why in one line."""
+        from medadapt.model import uncompile_layers
+
+        self._compile_pending = False
+        n = int(min(64, batch["input_ids"].shape[1]))
+        device = batch["input_ids"].device
+        probe = {"input_ids": batch["input_ids"][:1, :n], "position_ids": torch.arange(n, device=device)[None],
+                 "cu_seq_lens": torch.tensor([0, n], dtype=torch.int32).to(device, non_blocking=True),
+                 "max_length": n}
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self(probe).float().sum().backward()
+        except Exception as e:  # noqa: BLE001 (any compiler failure: the step runs eagerly)
+            uncompile_layers(self.model)
+            if rank_zero():
+                log.warning("model.compile: auto: compiling the decoder layers failed (%s: %s); training eagerly",
+                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        finally:
+            for p in self.parameters():
+                p.grad = None
 
     def settle_checkpointing(self, batch: dict[str, torch.Tensor]) -> None:
         """``gradient_checkpointing: auto``: measure, decide (the same on every rank), log (``checkpointing.py``).
@@ -132,18 +170,23 @@ class CausalLMModule(TestStage, AdapterModule):
                      figures["free_gib"])
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Rescale the step's gradients to a token-weighted mean and log the step (one host sync per step)."""
+        """Rescale the step's gradients to a token-weighted mean on the device (no host sync), and on logging steps
+        only, read the step's figures and the gradient norm (one host sync)."""
         totals = self.trainer.strategy.reduce(self._step_stats, reduce_op="sum")
-        tokens, loss_sum, padding, positions, examples = totals.tolist()
         # DDP averages gradients over ranks and Lightning divided each micro-batch loss by
         # accumulate_grad_batches: both factors come back, then divide by the step's token count.
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(tokens, 1.0)
+        scale = (self.trainer.accumulate_grad_batches * self.trainer.world_size) / totals[0].clamp(min=1.0)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        metrics = {}
         if grads:
-            torch._foreach_mul_(grads, scale)
-            metrics["train/grad_norm"] = grad_norm(grads)
-        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+        step = self.trainer.global_step + 1  # this optimizer step's number, as in the checkpoint names
+        self.last_step_loss = totals[1] / totals[0].clamp(min=1.0)  # a device tensor: read it when needed
+        self._step_stats, started, self._step_started = None, self._step_started, None
+        if not (step == 1 or step % max(self.trainer.log_every_n_steps, 1) == 0):
+            return
+        tokens, loss_sum, padding, positions, examples = totals.tolist()
+        metrics = {"train/grad_norm": grad_norm(grads)} if grads else {}
+        elapsed = time.perf_counter() - (started or time.perf_counter())
         loss = loss_sum / max(tokens, 1.0)
         metrics.update({
             "train/loss": loss,
@@ -156,12 +199,8 @@ class CausalLMModule(TestStage, AdapterModule):
             "train/supervised_fraction": tokens / max(positions, 1.0),
             "train/padding_fraction": padding / max(positions, 1.0),
         })
-        step = self.trainer.global_step + 1  # this optimizer step's number, as in the checkpoint names
-        if step == 1 or step % max(self.trainer.log_every_n_steps, 1) == 0:
-            self.log_at_step(metrics, step)
+        self.log_at_step(metrics, step)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
-        self.last_step_loss = loss
-        self._step_stats, self._step_started = None, None
 
     # ---- validation ------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -194,3 +194,20 @@ def assert_gradients_close(got: dict, expected: dict, rtol: float = 1e-5, msg: s
     flat = torch.cat([expected[n].flatten().float() for n in names])
     assert torch.count_nonzero(flat) > 0, f"{msg}: the expected gradient is zero, nothing is compared"
     assert_close_to_scale(torch.cat([got[n].flatten().float() for n in names]), flat, rtol=rtol, msg=msg)
+
+
+def built_module(model: "ModelConfig", lora: "LoraConfig", std: float = 0.02):
+    """A CausalLMModule built for training whose LoRA B is not zero (seeded per tensor name, so two builds of one
+    model get the same adapter): gradients reach A and B, and the LoRA path is part of what is compared."""
+    import torch
+
+    from medadapt.module import CausalLMModule
+
+    module = CausalLMModule(model=model, lora=lora)
+    torch.manual_seed(0)
+    module.build_model(training=True)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * std)
+    return module

@@ -119,3 +119,39 @@ def test_flex_pads_to_a_few_widths_and_computes_what_sdpa_does(tiny_qwen):
     assert flex.shape == sdpa.shape == (*packed["input_ids"].shape, model.config.hidden_size)
     real = packed["segment_ids"] > 0
     assert_close_to_scale(flex[real], sdpa[real])
+
+
+def test_varlen_batches_go_as_one_row_without_padding_and_train_the_same(tiny_qwen):
+    """For the varlen kernels a packed batch is flattened to its real tokens (``flatten_packed``, before the batch
+    moves): no padding position is computed, the examples are still counted, and the loss and LoRA gradients equal
+    the padded batch's (1e-5 of scale)."""
+    from medadapt.data.packing import flatten_packed
+
+    from .conftest import assert_gradients_close
+
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32",
+                                   attn_implementation="varlen", gradient_checkpointing=False),
+                       LoraConfig(r=8, alpha=16, dropout=0.0), training=True)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    module = holder(model)
+    examples = random_examples(7, seed=5)
+    padded = collate([examples[:2], examples[2:5], examples[5:]], pad_id=0)
+    assert (padded["segment_ids"] == 0).sum() > 0  # the rectangle has padding to drop
+    flat = module.on_before_batch_transfer(padded, 0)
+    real = int((padded["segment_ids"] > 0).sum())
+    assert flat["input_ids"].shape == (1, real) and int(flat["segment_ids"].amax()) == 7
+    assert flat["cu_seq_lens"].tolist()[-1] == real and torch.equal(flat["input_ids"], flatten_packed(padded)["input_ids"])
+    assert torch.equal(flat["targets"], padded["targets"])  # the same supervised tokens, re-indexed
+    results = []
+    for batch in (padded, flat):
+        loss, n = module.loss_sum(batch)
+        loss.backward()
+        results.append((loss.detach(), int(n), {k: p.grad.clone() for k, p in model.named_parameters()
+                                                if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    assert results[0][1] == results[1][1]
+    assert_close_to_scale(results[1][0], results[0][0], rtol=1e-5)
+    assert_gradients_close(results[1][2], results[0][2], rtol=1e-5)

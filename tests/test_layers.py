@@ -20,6 +20,7 @@ LAYERS = {
     "medadapt.attention": 0,
     "medadapt.files": 0,
     "medadapt.fingerprint": 0,
+    "medadapt.lora": 0,
     "medadapt.weights": 1,
     "medadapt.checkpoints": 1,
     "medadapt.checkpointing": 1,

@@ -22,6 +22,16 @@ def test_chunked_loss_and_gradients_equal_the_full_logits(tiny_qwen, chunk):
         if "lora_B" in name:
             p.data.normal_(0, 0.02)  # a trained-looking adapter: gradients reach A and B
     batch = collate([random_examples(3, seed=2), random_examples(2, seed=3)], pad_id=0)
+    full, chunked, expected, got = full_and_chunked(model, batch, chunk)
+    assert batch["targets"].shape[0] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) > chunk or chunk > 7
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name in expected:
+        assert_close_to_scale(got[name], expected[name], msg=name)
+
+
+def full_and_chunked(model, batch, chunk):
+    """Gradients (by name) of the full-logits loss and of the chunked one, and the two losses."""
     base = model.get_base_model()
 
     def grads():
@@ -39,9 +49,47 @@ def test_chunked_loss_and_gradients_equal_the_full_logits(tiny_qwen, chunk):
     chunked = chunked_cross_entropy(hidden, base.get_output_embeddings(), batch["target_index"], batch["targets"],
                                     chunk=chunk)
     chunked.backward()
-    got = grads()
-    assert batch["targets"].shape[0] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) > chunk or chunk > 7
-    assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
-    assert got.keys() == expected.keys() and len(got) > 0
-    for name in expected:
-        assert_close_to_scale(got[name], expected[name], msg=name)
+    return full.detach(), chunked.detach(), expected, grads()
+
+
+def test_a_trained_head_gets_its_weight_gradient_in_the_same_pass(tiny_qwen):
+    """CPT trains the embeddings and the head in full (``modules_to_save``): the head's weight gradient, computed
+    chunk by chunk in the loss's forward, equals the full computation's (1e-5 of the gradient's scale)."""
+    from .conftest import assert_gradients_close
+
+    cfg = ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32", gradient_checkpointing=False)
+    torch.manual_seed(0)
+    model = load_model(cfg, LoraConfig(r=8, alpha=16, dropout=0.0, modules_to_save=["lm_head"]), training=True)
+    batch = collate([random_examples(3, seed=6)], pad_id=0)
+    full, chunked, expected, got = full_and_chunked(model, batch, 5)
+    assert any("lm_head" in n for n in got) and chunked.item() == pytest.approx(full.item(), rel=1e-5)
+    assert_gradients_close(got, expected, rtol=1e-5)
+
+
+def test_the_head_runs_twice_per_chunk(tiny_qwen):
+    """The frozen head's matmul runs twice per chunk (logits; their gradient, in the forward), not three times
+    (forward, checkpoint recompute, backward): counted on the aten matmuls whose operand is the head's weight."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg = ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32", gradient_checkpointing=False)
+    model = load_model(cfg, LoraConfig(r=8, alpha=16, dropout=0.0), training=True)
+    head = model.get_base_model().get_output_embeddings()
+    batch = collate([random_examples(4, seed=7)], pad_id=0)
+    hidden = model.get_base_model().get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                                  use_cache=False).last_hidden_state
+    vocab = head.weight.shape[0]
+
+    class CountHeadMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "linear", "matmul") and any(
+                    isinstance(a, torch.Tensor) and vocab in a.shape for a in args):
+                CountHeadMatmuls.count += 1
+            return func(*args, **(kwargs or {}))
+
+    chunk = 6
+    chunks = -(-batch["targets"].shape[0] // chunk)
+    with CountHeadMatmuls():
+        chunked_cross_entropy(hidden, head, batch["target_index"], batch["targets"], chunk=chunk).backward()
+    assert chunks > 1 and CountHeadMatmuls.count == 2 * chunks

@@ -23,7 +23,7 @@ class Recording(CausalLMModule):
         if not hasattr(self, "grads"):
             self.grads, self.losses = [], []
         self.grads.append({n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None})
-        self.losses.append(self.last_step_loss)
+        self.losses.append(float(self.last_step_loss))
         Recording.last_losses = self.losses  # survives a run that dies
 
 
@@ -206,11 +206,13 @@ def test_metrics_are_logged_at_their_optimizer_step_and_count_examples(tiny_qwen
 
 
 def test_training_step_does_not_sync_with_the_host(tiny_qwen, short_sft_file, tmp_path, monkeypatch):
-    """No .item()/float()/int()/tolist() on a tensor inside the step outside the model's own forward: loss
-    sums and token counts stay on the device until the optimizer step reduces them once."""
+    """No host sync in the micro-batch path nor at an optimizer step that does not log: no .item()/float()/int()/
+    tolist() on a tensor and no tensor built from host values on the device (``torch.tensor(…, device=…)`` is a
+    blocking copy on CUDA) in the step outside the model's own forward, and none in ``on_before_optimizer_step``
+    except on logging steps. Loss sums and token counts stay on the device until a logging step reads them."""
     conversions = []
     counting = [False]
-    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu"):
         original = getattr(torch.Tensor, name)
 
         def wrapped(self, *a, _original=original, _name=name, **kw):
@@ -219,6 +221,14 @@ def test_training_step_does_not_sync_with_the_host(tiny_qwen, short_sft_file, tm
             return _original(self, *a, **kw)
 
         monkeypatch.setattr(torch.Tensor, name, wrapped)
+    original_tensor = torch.tensor
+
+    def tensor(*a, **kw):
+        if counting[0] and kw.get("device") is not None:
+            conversions.append("torch.tensor(device=…)")
+        return original_tensor(*a, **kw)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
 
     class Counting(CausalLMModule):
         def training_step(self, batch, batch_idx):
@@ -235,16 +245,24 @@ def test_training_step_does_not_sync_with_the_host(tiny_qwen, short_sft_file, tm
             finally:
                 counting[0] = True
 
+        def on_before_optimizer_step(self, optimizer):
+            step = self.trainer.global_step + 1
+            counting[0] = step != 1 and step % self.trainer.log_every_n_steps != 0  # steps that do not log
+            try:
+                super().on_before_optimizer_step(optimizer)
+            finally:
+                counting[0] = False
+
     L.seed_everything(0)
     module = tiny_module(tiny_qwen, cls=Counting)
-    tiny_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2).fit(
+    tiny_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, log_every_n_steps=10).fit(
         module, connect(tiny_data(short_sft_file, batch_size=2, val_fraction=0.0), module))
-    assert conversions == []
+    assert module.trainer.global_step == 3 and conversions == []
 
 
 def test_the_model_is_built_for_the_call_that_runs_not_for_the_first_call(tiny_qwen, short_sft_file, tmp_path):
     """validate builds an inference model; a fit that follows trains a model built for training: k-bit
-    preparation (fp32 norms, input grads) and gradient checkpointing on."""
+    preparation (frozen base, input grads) and gradient checkpointing on."""
     L.seed_everything(0)
     module = tiny_module(tiny_qwen, load_in_4bit=True)
     data = connect(tiny_data(short_sft_file, batch_size=2, val_fraction=0.25), module)
@@ -253,6 +271,6 @@ def test_the_model_is_built_for_the_call_that_runs_not_for_the_first_call(tiny_q
     tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, data)
     base = module.model.get_base_model()
     assert module.built_for_training is True and base.is_gradient_checkpointing
-    assert base.is_loaded_in_4bit and hasattr(base, "_require_grads_hook")  # prepare_model_for_kbit_training ran
+    assert base.is_loaded_in_4bit and hasattr(base, "_require_grads_hook")  # k-bit preparation ran
     assert base.get_input_embeddings().weight.requires_grad is False  # frozen base, LoRA on top
     assert any(p.requires_grad for n, p in module.model.named_parameters() if "lora_" in n)

@@ -88,6 +88,24 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple_of: 
             "target_index": target_index, "targets": targets, "cu_seq_lens": cu_seq_lens, "max_length": max_length}
 
 
+def flatten_packed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A packed batch as one row of its real tokens only, for attention that takes segment boundaries (varlen,
+    flash_attention_2): no padding position goes through any projection. Examples are numbered 1..K across the row
+    (so the logs still count examples), positions still restart per example, ``cu_seq_lens`` covers real segments
+    only, and the supervised positions are re-indexed into the flat row. CPU work, done before the batch moves."""
+    segments = batch["segment_ids"]
+    rows, width = segments.shape
+    keep = (segments > 0).reshape(-1).nonzero().squeeze(1)
+    renumbered = segments + (segments.amax(dim=1, keepdim=True).cumsum(0) - segments.amax(dim=1, keepdim=True))
+    renumbered = renumbered.masked_fill(segments == 0, 0).reshape(-1)[keep][None]
+    new_index = torch.full((rows * width,), -1, dtype=torch.long)
+    new_index[keep] = torch.arange(keep.numel())
+    flat = {k: batch[k].reshape(-1)[keep][None] for k in ("input_ids", "labels", "position_ids")}
+    cu_seq_lens, max_length = segment_boundaries(renumbered)
+    return {**batch, **flat, "segment_ids": renumbered, "target_index": new_index[batch["target_index"]],
+            "cu_seq_lens": cu_seq_lens, "max_length": max_length}
+
+
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive (batch, 1, L, L) mask: a token sees earlier tokens of its own example only. The training step
     does not need it (positions suffice); it is the explicit reference the packing tests compare against,

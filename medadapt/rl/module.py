@@ -89,6 +89,8 @@ class GRPOModule(AdapterModule):
     def model_config_for(self, cfg: ModelConfig) -> ModelConfig:
         if cfg.attn_implementation in ("auto", "varlen"):  # padded prompt + completion rows, not packed ones
             cfg = replace(cfg, attn_implementation="sdpa")
+        if cfg.compile == "auto":  # generation calls the layers at a new length every token: recompiles
+            cfg = replace(cfg, compile=False)
         return cfg
 
     def check_trainer(self, trainer) -> None:

@@ -1,0 +1,193 @@
+"""Memory traffic of the QLoRA step, per token per decoder layer, counted op by op on CPU at the real layer width.
+
+    python benchmarks/step_traffic.py                 # every arm, R1-Distill-1.5B layer width
+    python benchmarks/step_traffic.py --breakdown     # also the ops that move the most bytes, per arm
+
+A QLoRA step of a 1.5B model is bound by memory traffic, not FLOPs: the 4-bit matmuls are cheap and every
+elementwise op (casts, adds, dropout, RMSNorm, RoPE, SwiGLU) reads and writes whole activations. What an op moves
+does not depend on the device, so a CPU counts it: a ``TorchDispatchMode`` sums, for every aten op that is neither a
+matmul (mm/addmm/bmm, attention kernels) nor a view, the bytes of its tensor inputs and outputs, forward and backward,
+and ``saved_tensors_hooks`` count the activations autograd keeps for backward (weights excluded). The model is
+configs/sft.yaml's (``model.model`` and ``model.lora`` as shipped, nf4, bf16 autocast as ``bf16-mixed``) at
+DeepSeek-R1-Distill-Qwen-1.5B's layer width (hidden 1,536, MLP 8,960, 12 / 2 heads), with 1 and 2 decoder layers
+and a small vocabulary; activation checkpointing off (what a layer saves). Per token per layer = the difference
+over two layer counts and two token counts (128 and 256 in one packed row), so the embedding, the LM head and
+every per-call cost (weight dequantization, casts of LoRA weights) cancel.
+
+Arms, each one setting a user has, with ratios to the issue-19 defaults measured in the same run:
+  issue-19     model.frozen_dtype: float32 (PEFT's upcast) + lora.fused: false (PEFT's forward), dropout 0.05
+  bf16 base    model.frozen_dtype: compute, PEFT's forward
+  fused LoRA   lora.fused: true alone (frozen weights still float32)
+  sft.yaml     as shipped: bf16 frozen base + fused LoRA, the seed's dropout 0.05
+  dropout 0    sft.yaml with lora.dropout: 0
+Goal (issue 26): the shipped settings at ≤ 2.2 MB of non-matmul traffic and ≤ 130 KiB of saved activations per
+token per layer, with the seed's dropout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO)]
+R1_LAYER = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
+                rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=4096)
+VOCAB = 2048
+#: ops that are matmuls (tensor-core work, not elementwise traffic): their bytes are not counted
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "_scaled_dot_product_flash_attention_for_cpu",
+           "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_efficient_attention",
+           "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_flash_attention",
+           "_scaled_dot_product_flash_attention_backward", "_flash_attention_forward", "_flash_attention_backward",
+           "_efficient_attention_forward", "_efficient_attention_backward", "_scaled_dot_product_cudnn_attention",
+           "_scaled_dot_product_cudnn_attention_backward"}
+GOAL_BYTES, GOAL_SAVED = 2.2e6, 130 * 1024
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Traffic(TorchDispatchMode):
+    """Bytes read + written by non-matmul, non-view aten ops; the number of such ops; bytes by op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self.ops, self.by_op = 0, 0, Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name not in MATMULS and not func.is_view and name not in ("detach", "alias", "lift_fresh"):
+            moved = sum(nbytes(t) for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor))
+            self.bytes, self.ops = self.bytes + moved, self.ops + 1
+            self.by_op[name] += moved
+        return out
+
+
+def build(layers: int, folder: Path) -> str:
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    path = folder / f"r1-layer-{layers}"
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, vocab_size=VOCAB, **R1_LAYER)).to(
+            torch.bfloat16).save_pretrained(path)
+        AutoTokenizer.from_pretrained(REPO.parent / "shared" / "fixtures" / "deepseek-r1-distill-qwen-tokenizer"
+                                      ).save_pretrained(path)
+    return str(path)
+
+
+def measure(module, tokens: int) -> dict:
+    """One forward + backward of medadapt's loss over one packed row of ``tokens`` (two examples)."""
+    from medadapt.data.packing import collate
+
+    g = torch.Generator().manual_seed(tokens)
+    half = tokens // 2
+    examples = [{"input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist()} for n in (half, tokens - half)]
+    for ex in examples:
+        ex["labels"] = list(ex["input_ids"])
+    batch = collate([examples], pad_id=0, pad_to_multiple_of=1)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    module.model.zero_grad(set_to_none=True)
+    traffic = Traffic()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with traffic:
+            loss, _ = module.loss_sum(batch)
+            loss.backward()
+    return {"bytes": traffic.bytes, "ops": traffic.ops, "saved": sum(saved.values()), "by_op": traffic.by_op}
+
+
+def arm_module(model_dir: str, model_over: dict, lora_over: dict):
+    from medadapt.model import LoraConfig, ModelConfig
+    from medadapt.module import CausalLMModule
+    from medadapt.optim import OptimConfig
+
+    shipped = yaml.safe_load((REPO / "configs" / "sft.yaml").read_text())["model"]
+    model = {**shipped["model"], "name_or_path": model_dir, "compute_dtype": "bfloat16", "gradient_checkpointing": False,
+             "attn_implementation": "sdpa", "liger": False, "compile": False, **model_over}
+    module = CausalLMModule(model=ModelConfig(**model), lora=LoraConfig(**{**shipped["lora"], **lora_over}),
+                            optim=OptimConfig(fused=False))
+    torch.manual_seed(0)
+    module.build_model(training=True)
+    return module
+
+
+ARMS = {
+    "issue-19": ({"frozen_dtype": "float32"}, {"fused": False}),
+    "bf16 base": ({"frozen_dtype": "compute"}, {"fused": False}),
+    "fused LoRA": ({"frozen_dtype": "float32"}, {"fused": True}),
+    "sft.yaml": ({}, {}),
+    "dropout 0": ({}, {"dropout": 0.0}),
+}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs=2, default=[128, 256])
+    ap.add_argument("--arms", nargs="*", default=list(ARMS))
+    ap.add_argument("--breakdown", action="store_true", help="print the ops that move the most bytes per arm")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="step_traffic-"))
+    t1, t2 = args.tokens
+    report = {}
+    for name in args.arms:
+        model_over, lora_over = ARMS[name]
+        runs = {}
+        for layers in (1, 2):
+            module = arm_module(build(layers, work), model_over, lora_over)
+            for tokens in (t1, t2):
+                torch.manual_seed(1)
+                runs[layers, tokens] = measure(module, tokens)
+            del module
+
+        def per(key):
+            return ((runs[2, t2][key] - runs[2, t1][key]) - (runs[1, t2][key] - runs[1, t1][key])) / (t2 - t1)
+
+        ops = runs[2, t2]["ops"] - runs[1, t2]["ops"]
+        by_op = Counter({k: (runs[2, t2]["by_op"][k] - runs[2, t1]["by_op"][k] - runs[1, t2]["by_op"][k]
+                             + runs[1, t1]["by_op"][k]) / (t2 - t1) for k in runs[2, t2]["by_op"]})
+        report[name] = {"bytes_per_token_layer": per("bytes"), "saved_per_token_layer": per("saved"),
+                        "ops_per_layer": ops, "top_ops": dict(by_op.most_common(12))}
+        print(f"  {name:11s} {per('bytes') / 1e6:5.2f} MB  {per('saved') / 1024:6.1f} KiB saved  {ops} ops per layer",
+              flush=True)
+        if args.breakdown:
+            print("      " + ", ".join(f"{k} {v / 1e3:.0f} kB" for k, v in by_op.most_common(10)))
+    base = report.get("issue-19")
+    print("\n| arm | non-matmul traffic (MB / token / layer) | saved activations (KiB / token / layer) | ops / layer |"
+          + (" vs issue-19 (traffic, saved) |" if base else ""))
+    print("|---|---:|---:|---:|" + ("---|" if base else ""))
+    for name, r in report.items():
+        ratio = (f" {r['bytes_per_token_layer'] / base['bytes_per_token_layer']:.2f}x, "
+                 f"{r['saved_per_token_layer'] / base['saved_per_token_layer']:.2f}x |") if base else ""
+        print(f"| {name} | {r['bytes_per_token_layer'] / 1e6:.2f} | {r['saved_per_token_layer'] / 1024:.0f} | "
+              f"{r['ops_per_layer']} |{ratio}")
+    shipped = report.get("sft.yaml")
+    if shipped:
+        ok = shipped["bytes_per_token_layer"] <= GOAL_BYTES and shipped["saved_per_token_layer"] <= GOAL_SAVED
+        print(f"\nsft.yaml: {'meets' if ok else 'MISSES'} the goal (≤ {GOAL_BYTES / 1e6} MB, ≤ {GOAL_SAVED // 1024} KiB)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
