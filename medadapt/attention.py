@@ -47,6 +47,26 @@ def cuda_varlen_available() -> bool:
             and torch_varlen() is not None)
 
 
+def cpu_flex_problem() -> Optional[str]:
+    """Why flex_attention must not run on this machine's CPU, or None. torch's compiled CPU flex kernel (inductor's
+    template) returns wrong values, nondeterministically and sometimes NaN, when generated for AVX2: reproduced with
+    torch 2.13 on a 72-token packed batch (2 of 3 fresh compiles off by up to 1.5, at 1 and at 2 threads), while the
+    AVX-512 build of the same kernel matched SDPA in every run (issue 27). Where inductor would generate anything but
+    AVX-512, flex_attention on CPU is refused."""
+    if torch.cuda.is_available():
+        return None
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        isa = str(pick_vec_isa()) or "no vector ISA"
+    except Exception as e:  # noqa: BLE001 (a private API: if it moves, refuse rather than guess)
+        isa = f"unknown ({type(e).__name__})"
+    if isa.startswith("avx512"):
+        return None
+    return (f"attn_implementation: flex_attention on this CPU ({isa}): torch {torch.__version__}'s compiled CPU flex "
+            "kernel returns wrong values outside AVX-512; use sdpa on CPU (flex_attention is a GPU lever)")
+
+
 def resolve_attention(name: str, *, training: bool) -> str:
     """The transformers ``attn_implementation`` a build uses.
 
@@ -61,6 +81,8 @@ def resolve_attention(name: str, *, training: bool) -> str:
     if name == "varlen":
         register_varlen()
         return VARLEN
+    if name == "flex_attention" and cpu_flex_problem():
+        raise ValueError(cpu_flex_problem())
     if name != "auto":
         return name
     if not torch.cuda.is_available():

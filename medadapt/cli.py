@@ -20,21 +20,26 @@ from medadapt.training import AdapterModule
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Save the run's config.yaml beside its outputs. Without a logger Lightning's ``log_dir`` is the working
-    directory, so a ``logger: false`` run wrote config.yaml into wherever it was started: here it goes to the
+    """Save the run's config.yaml beside its outputs, through medadapt's one write path (``files.write_atomic``: a
+    link planted at config.yaml is replaced, never written through; the file gets the umask's mode). With a logger
+    it goes to the logger's folder; without one, Lightning's ``log_dir`` is the working directory, so it goes to the
     checkpoint folder (fit) or the results folder (test), or nowhere."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
         if trainer.logger is not None:
-            return super().setup(trainer, pl_module, stage)
-        if stage == "fit":
+            folder = trainer.log_dir  # this broadcasts the directory
+        elif stage == "fit":
             folder = getattr(trainer.checkpoint_callback, "dirpath", None)
         else:
             folder = getattr(pl_module, "hparams", {}).get("results_dir") if stage == "test" else None
         if folder and trainer.is_global_zero:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(Path(folder) / self.config_filename), skip_none=False, overwrite=True,
-                             multifile=self.multifile)
+            from medadapt.files import output_folder, write_atomic
+
+            write_atomic(output_folder(folder, "config folder") / self.config_filename,
+                         self.parser.dump(self.config, skip_none=False))
+        self.already_saved = True
 
 
 class MedAdaptCLI(LightningCLI):
@@ -66,6 +71,8 @@ class MedAdaptCLI(LightningCLI):
         datamodule, model = getattr(self, "datamodule", None), getattr(self, "model", None)
         if hasattr(datamodule, "connect") and hasattr(model, "tokenizer"):
             datamodule.connect(model.tokenizer)  # the model's tokenizer, for the data's token ids
+        if hasattr(datamodule, "limit_context") and hasattr(model, "context_length"):
+            datamodule.limit_context(model.context_length())  # no prompt longer than the model reads
         rows, length = getattr(datamodule, "batch_size", None), getattr(datamodule, "max_length", None)
         if isinstance(rows, int) and isinstance(length, int) and hasattr(model, "micro_batch_tokens"):
             model.micro_batch_tokens = rows * length  # what gradient_checkpointing: auto sizes its decision by
@@ -75,10 +82,26 @@ class MedAdaptCLI(LightningCLI):
         if getattr(self, "_ckpt_path", None) and hasattr(model, "expected_ckpt_path"):
             self.model.expected_ckpt_path = self._ckpt_path  # build once, for this checkpoint
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A run stopped by SIGTERM ends with exit status 143 and says what it left: Lightning's graceful stop raises
+        a ``SystemExit`` with no code, which a shell's ``&&`` or a scheduler takes for success."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            step = self.trainer.global_step
+            logging.getLogger(__name__).error(
+                "%s stopped by SIGTERM at optimizer step %d: its checkpoints are what it left (no adapter was exported"
+                "); resume with --ckpt_path <checkpoint dir>/last.ckpt", subcommand, step)
+            raise SystemExit(143) from None
+
     def before_fit(self) -> None:
         check = getattr(self.model, "check_trainer", None)
         if check is not None:  # a module that steps its optimizer itself (GRPO) names what replaces trainer settings
             check(self.trainer)
+        for callback in self.trainer.checkpoint_callbacks:  # last.ckpt is last.ckpt: resuming a copied folder must
+            callback._enable_version_counter = False      # not write last-v1.ckpt and leave last.ckpt stale
         self.apply_run_dir()
         self.refuse_stale_checkpoints()
 

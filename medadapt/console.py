@@ -22,6 +22,8 @@ WARNINGS = [
     (r"'set_vital' is deprecated", UserWarning),
     # Lightning's own pytree helper on torch ≥ 2.12
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", None),
+    # CausalLMModule flattens packed batches for varlen kernels in this hook on purpose (the data module has none)
+    (r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a", None),
 ]
 #: (logger, message substring) of log records
 LOG_RECORDS = [

@@ -3,8 +3,11 @@ itself when it cannot be read.
 
 Writes go to a temporary file created exclusively (``O_EXCL``: a name nobody holds, so a symlink planted at
 ``results.json.tmp`` is never followed) in the target's own folder, then ``os.replace`` puts it in place: a
-reader sees the old file or the new one, and a crash leaves the old one. JSON is written strictly (no
-``NaN``/``Infinity``, which other readers refuse): non-finite numbers become ``null``.
+reader sees the old file or the new one, a crash leaves the old one, and a link planted at the target itself is
+replaced, never written through. The file gets the mode any file created there would (0666 less the umask;
+``mkstemp``'s private 0600 would lock other users out of shared results). Folders medadapt creates to write into
+(``output_folder``) are never links, and never an empty path, the working directory, the home folder or the root.
+JSON is written strictly (no ``NaN``/``Infinity``, which other readers refuse): non-finite numbers become ``null``.
 
 Reads of JSON, YAML and safetensors files raise ``UnreadableFileError`` naming the file and what is wrong
 with it (a cut file, the wrong shape), never a bare ``JSONDecodeError`` from deep inside.
@@ -31,8 +34,40 @@ class UnreadableFileError(ValueError):
     """A file that exists but cannot be read as what it should be; the message names the file."""
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """``base`` less the process umask: the mode a plainly created file (or, with 0o777, folder) gets."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+class UnsafePathError(ValueError):
+    """A path medadapt refuses to write into: a link, an empty path, the working directory, home or root."""
+
+
+def output_folder(path: Union[str, Path], what: str = "output folder") -> Path:
+    """``path`` as a folder to write into, created if needed; refused when it is empty, the working directory, the
+    home folder or the root (a cleared or overwritten output there destroys the user's files), or when the folder
+    itself is a symbolic link (one planted where medadapt writes would redirect what it writes: no link is
+    followed)."""
+    if path is None or not str(path).strip():
+        raise UnsafePathError(f"{what} is empty: give a folder of its own")
+    folder = Path(path).expanduser()
+    absolute = Path(os.path.abspath(folder))
+    for name, place in (("the working directory", Path.cwd()), ("the home folder", Path.home()),
+                        ("the root", Path(absolute.anchor))):
+        if absolute == place:
+            raise UnsafePathError(f"{what} {str(path)!r} is {name}: give a folder of its own")
+    if folder.is_symlink():
+        raise UnsafePathError(f"{what} {folder} is a symbolic link; medadapt writes through no link (remove it, or "
+                              "give the real folder)")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def write_atomic(path: Union[str, Path], data: Union[str, bytes, Callable[[Path], None]]) -> Path:
-    """Write ``data`` (text, bytes, or a function that writes a given path) to ``path`` atomically."""
+    """Write ``data`` (text, bytes, or a function that writes a given path) to ``path`` atomically, with the mode
+    a plainly created file gets."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -44,6 +79,7 @@ def write_atomic(path: Union[str, Path], data: Union[str, bytes, Callable[[Path]
         else:
             with os.fdopen(fd, "wb") as f:
                 f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -141,12 +177,3 @@ def lock_folder(folder: Union[str, Path], busy: str, error: type = RuntimeError)
     except Timeout:
         raise error(busy) from None
     return lock
-
-
-def clear_folder(path: Union[str, Path]) -> None:
-    """Remove a folder's content (the folder itself stays)."""
-    for child in Path(path).iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()

@@ -43,10 +43,12 @@ def _cache_path() -> Path:
 
 
 def file_digest(path: Union[str, Path]) -> str:
-    """sha256 of a file's bytes, remembered by (real path, size, mtime_ns)."""
+    """sha256 of a file's bytes, remembered by (real path, inode, size, mtime_ns, ctime_ns). The change time is the
+    kernel's: a file replaced by other bytes of the same size with its modification time set back (``touch -r``,
+    ``cp -p``) still gets a new ctime, so its digest is computed again."""
     real = Path(path).resolve()
     stat = real.stat()
-    key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{real}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
     small = stat.st_size < (64 << 20)
     cached = {} if small else _read_cache()
     if key in cached:

@@ -15,6 +15,7 @@ weights back to the nf4 grid and erases most of a small update (why CPT→SFT st
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
@@ -53,11 +54,22 @@ def merged_model(base: ModelConfig, adapter_dir: Optional[str], dtype: str = "fl
 
 def check_out_dir(out: Path, base: ModelConfig, adapters: list[str], overwrite: bool) -> None:
     """``out`` must not be a folder being read (the base model, an adapter being merged): writing there destroys
-    it, or leaves a folder that loads as something else. Any other non-empty folder needs ``overwrite``, and is
-    then cleared first, so no stale file (an adapter_config.json, an old shard index) survives beside the merge."""
-    from medadapt.files import clear_folder
+    it, or leaves a folder that loads as something else; nor an empty path, the working directory, the home folder or
+    the root (``--out "$UNSET" --overwrite true`` would clear them), nor a link. Any other non-empty folder needs
+    ``overwrite``; it is replaced only once the new export is whole (``export``), so a failing export leaves it as
+    it was."""
+    from medadapt.files import UnsafePathError
     from medadapt.model import PACKAGED_MODELS, resolve_model_path
 
+    if not str(out).strip():
+        raise UnsafePathError("--out is empty: give the folder to write the merged model to")
+    absolute = Path(os.path.abspath(out))
+    for name, place in (("the working directory", Path.cwd()), ("the home folder", Path.home()),
+                        ("the root", Path(absolute.anchor))):
+        if absolute == place:
+            raise UnsafePathError(f"--out {str(out)!r} is {name}: give the merged model a folder of its own")
+    if out.is_symlink():
+        raise UnsafePathError(f"--out {out} is a symbolic link; medadapt writes through no link")
     target = out.resolve()
     reading = [Path(p).resolve() for p in adapters]
     if base.name_or_path.lower() in PACKAGED_MODELS or Path(base.name_or_path).expanduser().exists():
@@ -66,17 +78,21 @@ def check_out_dir(out: Path, base: ModelConfig, adapters: list[str], overwrite: 
         if target == folder or folder in target.parents or target in folder.parents:
             raise FileExistsError(f"--out {out} is (or holds, or is inside) {folder}, which this export reads: write the "
                                   "merged model to a folder of its own")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"--out {out} is not empty ({', '.join(sorted(p.name for p in out.iterdir())[:4])}"
-                                  "…): choose an empty folder, or --overwrite true to replace its content")
-        log.warning("--overwrite: clearing %s before writing the merged model", out)
-        clear_folder(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} is not empty ({', '.join(sorted(p.name for p in out.iterdir())[:4])}"
+                              "…): choose an empty folder, or --overwrite true to replace its content")
 
 
 def export(base: ModelConfig, adapter_dir: Optional[str], out_dir: str, dtype: str = "bfloat16",
            overwrite: bool = False) -> Path:
-    """Write ``out_dir``: model safetensors, tokenizer, and ``medadapt_export.json`` (what it was made from)."""
+    """Write ``out_dir``: model safetensors, tokenizer, and ``medadapt_export.json`` (what it was made from). The
+    export is written to a fresh folder beside ``out_dir`` and put in its place only when whole: an existing folder
+    (``overwrite``) is replaced after every input was read and the new one written, never cleared first."""
+    import shutil
+    import tempfile
+
+    from medadapt.files import umask_mode
+
     out = Path(out_dir)
     stack = list(base.base_adapters or [])
     if adapter_dir and base.base_adapters is None:  # the adapters it was trained on, from its metadata
@@ -87,9 +103,25 @@ def export(base: ModelConfig, adapter_dir: Optional[str], out_dir: str, dtype: s
         model = load_base(cfg, training=False)
     else:
         model, cfg = merged_model(base, adapter_dir, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(base).save_pretrained(out)
-    write_json(out / "medadapt_export.json", {"base": asdict(cfg), "adapter": adapter_dir, "dtype": dtype}, indent=2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        model.save_pretrained(fresh, safe_serialization=True)
+        load_tokenizer(base).save_pretrained(fresh)
+        write_json(fresh / "medadapt_export.json", {"base": asdict(cfg), "adapter": adapter_dir, "dtype": dtype},
+                   indent=2)
+        os.chmod(fresh, umask_mode(0o777))
+        if out.exists():
+            if any(out.iterdir()):
+                log.warning("--overwrite: replacing %s with the new export", out)
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            out.rename(old / "previous")
+            fresh.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            fresh.rename(out)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
     log.info("exported %s + %s → %s", base.name_or_path, [*cfg.base_adapters, adapter_dir], out)
     return out

@@ -309,12 +309,20 @@ def read_adapter_metadata(adapter_dir: str) -> dict:
 
 
 def same_model(a: Optional[str], b: Optional[str]) -> bool:
-    """Whether two model names denote the same weights by name: equal, or the same folder. (Content is compared
-    separately, through ``base_identity``; a folder that merely ends in the same name is not the same model.)"""
+    """Whether two model names denote the same weights by name: equal, the same folder, or a packaged name and the
+    folder it converts to. (Content is compared separately, through ``base_identity``; a folder that merely ends in
+    the same name is not the same model.)"""
     if a is None or b is None or a == b:
         return a == b
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+    def folder(name: str) -> Optional[Path]:
+        if name.lower() in PACKAGED_MODELS:
+            return (cache_dir() / "models" / name.lower()).resolve()
+        path = Path(name).expanduser()
+        return path.resolve() if path.exists() else None
+
+    fa, fb = folder(a), folder(b)
+    return fa is not None and fa == fb
 
 
 def _same_paths(a: list[str], b: list[str]) -> bool:
@@ -566,8 +574,17 @@ def is_compiled(model) -> bool:
 
 
 def check_base_adapter(path: str, cfg: ModelConfig, below: list[str]) -> None:
-    """A base adapter must have been trained on this base model, on top of the adapters stacked below it."""
-    meta = read_adapter_metadata(path).get("base") or {}
+    """A base adapter must have been trained on this base model, on top of the adapters stacked below it, and say so:
+    one without medadapt's record could have been trained on top of another adapter (a copied SFT adapter of a
+    CPT→SFT chain), which stacking it alone would silently drop."""
+    record = read_adapter_metadata(path)
+    if record.get("foreign"):
+        raise AdapterMismatchError(
+            f"base adapter {path} has no {ADAPTER_METADATA}: what it was trained on (the base, 4-bit or not, adapters "
+            "stacked under it) is unknown, and stacking it alone would drop any adapter it was trained on top of. "
+            f"Restore its {ADAPTER_METADATA} (a fit run writes it beside the adapter), or stack the adapter folder "
+            "medadapt exported")
+    meta = record.get("base") or {}
     if meta.get("base_identity"):
         check_trained_on(replace(cfg, base_adapters=below), meta, f"base adapter {path}")
     elif meta.get("name_or_path") and not same_model(meta["name_or_path"], cfg.name_or_path):
@@ -578,6 +595,17 @@ def check_base_adapter(path: str, cfg: ModelConfig, below: list[str]) -> None:
     if "load_in_4bit" in meta and meta["load_in_4bit"] != cfg.load_in_4bit:
         log.warning("base adapter %s was trained on a %s base, but this model is loaded %s", path,
                     "4-bit" if meta["load_in_4bit"] else "full-precision", "in 4-bit" if cfg.load_in_4bit else "unquantized")
+
+
+def save_adapter(model, path: Union[str, Path], adapter: str = "default") -> None:
+    """One adapter of ``model`` as a PEFT folder (safetensors), written the same way every time: PEFT writes a set
+    (``target_modules``) as a list in the process's hash order, so two saves of one adapter differed in bytes, and
+    every content digest of it with them."""
+    for config in getattr(model, "peft_config", {}).values():
+        for key, value in vars(config).items():
+            if isinstance(value, set):
+                setattr(config, key, sorted(value))
+    model.save_pretrained(str(path), safe_serialization=True, selected_adapters=[adapter])
 
 
 def attach_lora(model, lora: LoraConfig):

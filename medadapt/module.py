@@ -25,7 +25,7 @@ from medadapt.eval.stage import TestStage
 from medadapt.loss import chunked_cross_entropy
 from medadapt.model import LoraConfig, ModelConfig, unwrapped
 from medadapt.optim import OptimConfig
-from medadapt.training import AdapterModule, grad_norm, rank_zero
+from medadapt.training import AdapterModule, check_finite, grad_norm, rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class CausalLMModule(TestStage, AdapterModule):
         #: batch's size. What ``gradient_checkpointing: auto`` sizes its decision by.
         self.micro_batch_tokens: Optional[int] = None
         self._checkpointing_pending = self._compile_pending = False
+        self._first_nonfinite: Optional[torch.Tensor] = None  # on device: the first step whose loss was NaN/inf
 
     def _load(self, cfg: ModelConfig, lora: Optional[LoraConfig], training: bool) -> None:
         from medadapt.model import is_compiled
@@ -111,7 +112,7 @@ class CausalLMModule(TestStage, AdapterModule):
 
     # ---- training --------------------------------------------------------------------------------
     #: per optimizer step, summed over micro-batches and ranks (kept on device until the step)
-    STEP_STATS = ("tokens", "loss_sum", "padding", "positions", "examples")
+    STEP_STATS = ("tokens", "loss_sum", "padding", "positions", "examples", "nonfinite")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self._compile_pending:
@@ -124,7 +125,8 @@ class CausalLMModule(TestStage, AdapterModule):
         segments = batch["segment_ids"]
         stats = torch.stack([n, loss.detach().double(), (segments == 0).sum().double(),
                              torch.full((), segments.numel(), dtype=torch.float64, device=segments.device),
-                             segments.amax(dim=1).sum().double()])  # segments are numbered 1..k per row
+                             segments.amax(dim=1).sum().double(),  # segments are numbered 1..k per row
+                             (~torch.isfinite(loss.detach())).double()])
         self._step_stats = stats if self._step_stats is None else self._step_stats + stats
         # Lightning divides this by accumulate_grad_batches; on_before_optimizer_step undoes that.
         return loss
@@ -182,10 +184,15 @@ class CausalLMModule(TestStage, AdapterModule):
         step = self.trainer.global_step + 1  # this optimizer step's number, as in the checkpoint names
         self.last_step_loss = totals[1] / totals[0].clamp(min=1.0)  # a device tensor: read it when needed
         self._step_stats, started, self._step_started = None, self._step_started, None
+        first = self._first_nonfinite if self._first_nonfinite is not None else torch.full_like(totals[5], -1.0)
+        self._first_nonfinite = torch.where((totals[5] > 0) & (first < 0), torch.full_like(first, step), first)
         if not (step == 1 or step % max(self.trainer.log_every_n_steps, 1) == 0):
             return
-        tokens, loss_sum, padding, positions, examples = totals.tolist()
+        tokens, loss_sum, padding, positions, examples, _ = totals.tolist()
         metrics = {"train/grad_norm": grad_norm(grads)} if grads else {}
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16: overflowing steps are the scaler's
+        check_finite(int(self._first_nonfinite), 0.0 if scaler is not None else metrics.get("train/grad_norm", 0.0),
+                     step, self.optim_cfg.lr, self.resolved_model_cfg.compute_dtype, self.trainer.precision)
         elapsed = time.perf_counter() - (started or time.perf_counter())
         loss = loss_sum / max(tokens, 1.0)
         metrics.update({

@@ -21,7 +21,8 @@ import torch
 from medadapt.checkpoints import checked_lora, checkpoint_record, record_of
 from medadapt.fingerprint import adapter_digest
 from medadapt.model import (AdapterMismatchError, LoraConfig, ModelConfig, load_model, load_tokenizer,
-                            read_adapter_metadata, resolve_model_config, trained_on, write_adapter_metadata)
+                            read_adapter_metadata, resolve_model_config, save_adapter, trained_on,
+                            write_adapter_metadata)
 from medadapt.optim import OptimConfig, resolve_warmup, use_fused, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,21 @@ class AdapterModule(L.LightningModule):
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in self.model.parameters())
             log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    def context_length(self) -> Optional[int]:
+        """The base model's context (``max_position_embeddings`` of its config), or None where it cannot be read
+        without loading (a hub id offline)."""
+        from transformers import AutoConfig
+
+        from medadapt.model import resolve_model_path
+
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_path(self.model_cfg.name_or_path),
+                                                revision=self.model_cfg.revision,
+                                                trust_remote_code=self.model_cfg.trust_remote_code)
+        except Exception:  # noqa: BLE001 (no config reachable: no cap, the data's max_length stands)
+            return None
+        return getattr(config, "max_position_embeddings", None)
 
     @property
     def init_adapter_path(self) -> Optional[str]:
@@ -233,15 +249,30 @@ class AdapterModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.lora_used is None and not self.init_adapter_path:
             return
+        self.check_trained_tensors()
         path = self.adapter_export_dir()
         if self.trainer.is_global_zero:
             # only the trained adapter: base adapters stay in their own folders, named by the metadata
-            self.model.save_pretrained(path, safe_serialization=True, selected_adapters=["default"])
+            save_adapter(self.model, path)
             self.tokenizer.save_pretrained(path)
             write_adapter_metadata(path, self.resolved_model_cfg, self.lora_used, self.trained_record,
                                    method=self.METHOD)
             log.info("exported PEFT adapter to %s", path)
         self.trainer.strategy.barrier()
+
+    def check_trained_tensors(self) -> None:
+        """No adapter with NaN or infinite weights is ever exported; one that never left its initialization (every
+        LoRA B still zero: no update reached it) is exported with a warning that says so."""
+        trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        bad = [n for n, p in trained.items() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise RuntimeError(f"refusing to export the adapter: {len(bad)} of {len(trained)} trained tensors hold "
+                               f"NaN/inf (e.g. {bad[0]}); the run's settings made training diverge (learning rate, "
+                               "precision, or for RL rl.temperature / rl.std_eps)")
+        b = [p for n, p in trained.items() if "lora_B" in n]
+        if b and not self.init_adapter_path and all(torch.count_nonzero(p) == 0 for p in b):
+            log.warning("the exported adapter never left its initialization (every LoRA B is still zero): no update "
+                        "reached it; check the learning rate, the data (supervised tokens), and for RL the rewards")
 
     def adapter_export_dir(self) -> str:
         if self.hparams.adapter_dir:
@@ -249,6 +280,25 @@ class AdapterModule(L.LightningModule):
         ckpt = self.trainer.checkpoint_callback
         base = ckpt.dirpath if ckpt is not None and ckpt.dirpath else (self.trainer.log_dir or ".")
         return str(Path(base) / "adapter")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or the gradients became NaN or infinite: training stops, nothing is exported."""
+
+
+def check_finite(first_bad_step: int, grad_norm_value: float, step: int, lr: float, dtype: str, precision) -> None:
+    """Stop a run whose loss or gradient norm stopped being finite, naming the step and the settings that usually
+    cause it (read on logging steps only: the flag stays on the device in between)."""
+    import math
+
+    if first_bad_step < 0 and math.isfinite(grad_norm_value):
+        return
+    what = (f"the loss was non-finite at optimizer step {first_bad_step}" if first_bad_step >= 0 else
+            f"the gradient norm is non-finite at optimizer step {step}")
+    raise NonFiniteTrainingError(
+        f"{what} (seen at step {step}): training stops and no adapter is exported (checkpoints from that step on hold "
+        f"non-finite weights). Usual causes: the learning rate (optim.lr={lr:g}), the precision (trainer.precision="
+        f"{precision}, model.compute_dtype={dtype}), or attention that computes NaN on this device")
 
 
 def grad_norm(grads: list[torch.Tensor]) -> float:
@@ -263,10 +313,15 @@ def check_resumed_schedule(resumed: Optional[dict], schedule: dict, lr: float, m
     if not resumed:
         return
     step, before = resumed["step"], resumed.get("schedule")
-    if step >= schedule["total"]:
+    if step == schedule["total"]:  # a run stopped after its last step: finish it (export), train nothing
+        log.info("the checkpoint is at the last step of its schedule (%d): nothing is left to train; finishing the "
+                 "run (its adapter is exported)", step)
+        return
+    if step > schedule["total"]:
         raise ValueError(f"the checkpoint is at optimizer step {step} and this run's schedule ends at step "
-                         f"{schedule['total']}: nothing is left to train. Raise trainer.max_steps/max_epochs and "
-                         "start over (--overwrite true), or evaluate the checkpoint")
+                         f"{schedule['total']}: nothing is left to train. Raise trainer.max_steps/max_epochs to "
+                         "continue it, or evaluate the checkpoint (a fresh run: `fit --overwrite true`; a multistep "
+                         "stage: --on_change retrain)")
     if before and before != schedule:
         log.warning("resuming at step %d of a schedule planned for %d steps (%d warmup); this run plans %d (%d "
                     "warmup): from here the learning rate follows the new schedule (%.3g now, not the old %.3g)",

@@ -29,6 +29,7 @@ def one_step(model_path, data_file, root, setting, free=None, monkeypatch=None):
     return module
 
 
+@pytest.mark.slow  # out of the 5-minute fast set; CI runs it
 def test_auto_measures_activations_and_decides_by_free_memory(tiny_qwen, short_sft_file, tmp_path, monkeypatch):
     plenty = one_step(tiny_qwen, short_sft_file, tmp_path / "a", "auto", free=2**40, monkeypatch=monkeypatch)
     assert not plenty.model.get_base_model().is_gradient_checkpointing

@@ -12,6 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+import torch
 
 from medadapt.cli import main as cli
 
@@ -405,8 +406,15 @@ def test_a_resume_onto_other_data_or_past_its_schedule_says_so(trained, short_sf
     other.write_text("".join(json.dumps({**r, "Response": r["Response"] + " (edited)"}) + "\n" for r in rows))
     with pytest.raises(ValueError, match="other data .*data_files"):
         fit(str(other), 3, trained["ckpt"], tmp_path / "a")
-    with pytest.raises(ValueError, match="nothing is left to train"):
-        fit(short_sft_file, 2, trained["ckpt"], tmp_path / "b")
+    with pytest.raises(ValueError, match="nothing is left to train.*--on_change retrain"):
+        fit(short_sft_file, 1, trained["ckpt"], tmp_path / "b")
+    # a run stopped after its last step (no adapter yet): resuming finishes it, training nothing (issue 27)
+    fit(short_sft_file, 2, trained["ckpt"], tmp_path / "c")
+    from safetensors.torch import load_file
+
+    finished = load_file(tmp_path / "c" / "adapter" / "adapter_model.safetensors")
+    original = load_file(trained["adapter"] / "adapter_model.safetensors")
+    assert finished.keys() == original.keys() and all(torch.equal(finished[k], original[k]) for k in finished)
 
 
 def test_an_adapter_with_a_checkpoint_not_trained_from_it_is_refused(trained, tmp_path):
@@ -417,6 +425,7 @@ def test_an_adapter_with_a_checkpoint_not_trained_from_it_is_refused(trained, tm
                  str(trained["ckpt"]))
 
 
+@pytest.mark.slow  # out of the 5-minute fast set; CI runs it
 def test_sigterm_stops_the_running_stage_and_marks_nothing_done(trained, short_sft_file, tmp_path):
     import os
     import signal
@@ -551,7 +560,7 @@ def test_long_prompts_are_counted_in_log_likelihood_mode_and_refused_in_generate
     data = BenchmarkDataModule(tasks=["pubmedqa"], local_dir=str(BENCH), limit=4, max_length=64, mode="generate",
                                allow_partial=True)
     data.connect(r1_tokenizer)
-    with pytest.raises(ValueError, match="longer than data.max_length=64"):
+    with pytest.raises(ValueError, match="longer than 64 tokens \\(data.max_length=64"):
         data.setup("test")
 
 

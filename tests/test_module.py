@@ -51,6 +51,7 @@ def test_batch_times_accumulation_equivalence(tiny_qwen, short_sft_file, tmp_pat
     assert len(set(supervised.tolist())) > 1, "rows must differ in supervised length for this test to bite"
 
 
+@pytest.mark.slow  # out of the 5-minute fast set; CI runs it
 def test_fit_validate_fit_4bit_on_cpu_loss_decreases(tiny_qwen, short_sft_file, tmp_path):
     L.seed_everything(0)
     module = tiny_module(tiny_qwen, load_in_4bit=True, lr=3e-3)

@@ -170,7 +170,7 @@ def launch(args: list[str], log_file: Optional[Path] = None) -> None:
         out.flush()
     try:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=os.environ.copy(),
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
         try:
             code = proc.wait()
         except BaseException:  # interrupted: the child and its ranks go first
@@ -181,7 +181,31 @@ def launch(args: list[str], log_file: Optional[Path] = None) -> None:
             out.close()
     if code != 0:
         where = f"; log {log_file}:\n" + "".join(log_file.read_text().splitlines(keepends=True)[-30:]) if log_file else ""
+        if code < 0 or code >= 128:  # killed, or stopped on a signal (fit exits 128 + N after SIGTERM)
+            number = -code if code < 0 else code - 128
+            name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else f"signal {number}"
+            raise StageTerminatedError(f"`python -m medadapt {args[0]}` was stopped by {name} (exit {code}): nothing "
+                                       f"was marked done; run the same command again to resume it{where}")
         raise RuntimeError(f"`python -m medadapt {args[0]}` failed (exit {code}){where}")
+
+
+class StageTerminatedError(RuntimeError):
+    """A stage's process was stopped by a signal: it did not finish, and is not marked done."""
+
+
+def die_with_parent() -> None:
+    """In the child, before it runs: the kernel kills it the moment the runner dies, however the runner dies
+    (SIGKILL included), so no stage outlives the runner that holds its work_dir's lock (Linux ``PR_SET_PDEATHSIG``;
+    elsewhere nothing is done)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() == 1:  # the runner died between fork and prctl
+            os.kill(os.getpid(), signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
@@ -199,11 +223,13 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 
 
 def terminate_on_sigterm() -> None:
-    """SIGTERM interrupts the runner like Ctrl-C does, so its children are stopped and nothing is marked done."""
+    """SIGTERM and SIGHUP (a closed terminal) interrupt the runner like Ctrl-C does: its children are stopped, nothing
+    is marked done, and it exits 128 + the signal's number."""
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
 
 
 def lock_work_dir(work_dir: Path):

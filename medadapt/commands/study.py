@@ -116,13 +116,19 @@ def method_config(method: str, adapters: dict[str, str], rag, in_4bit: bool, res
     return cfg
 
 
-def scored_fingerprint(adapter: Optional[str], shared: Optional[str]) -> dict:
+def scored_fingerprint(adapter: Optional[str], shared: Optional[str], eval_config: Optional[str] = None,
+                       rag=None) -> dict:
     """What an evaluation scores, by content: the adapter (and, through its metadata, the base and the adapters
-    under it) and the local benchmark files."""
-    from medadapt.fingerprint import adapter_digest, files_digest
+    under it), the local benchmark files, the eval config's content (its tasks, limit, protocol: the command names it
+    only by path), and for a RAG arm the index it retrieves from (its manifest: what was embedded, by what)."""
+    from medadapt.fingerprint import adapter_digest, file_digest, files_digest
     from medadapt.model import read_adapter_metadata
 
-    out: dict = {"adapter": None, "trained_on": None, "benchmarks": None}
+    out: dict = {"adapter": None, "trained_on": None, "benchmarks": None,
+                 "eval_config": file_digest(eval_config) if eval_config and Path(eval_config).is_file() else None}
+    if rag is not None:
+        manifest = Path(rag.index.dir) / "manifest.json"
+        out["index"] = file_digest(manifest) if manifest.is_file() else f"{rag.index.store}:{rag.index.dir}"
     if adapter:
         out["adapter"] = adapter_digest(adapter)
         base = read_adapter_metadata(adapter).get("base") or {}
@@ -197,8 +203,8 @@ def study_steps(a, work: Path) -> Path:
             extra = [] if mode == "loglikelihood" else ["--data.init_args.mode", mode, *a.generate_args]
             args = ["test", "--config", a.eval_config, "--config", str(layer_path), *a.eval_args, *extra, *hub["test"]]
             # reuse a result only if the same command scored the same content
-            command = {"args": args, "config": layer, "scored": scored_fingerprint(layer["model"]["init_adapter"],
-                                                                                  a.shared_data)}
+            command = {"args": args, "config": layer, "scored": scored_fingerprint(
+                layer["model"]["init_adapter"], a.shared_data, a.eval_config, rag if method in ("rag", "sft_rag") else None)}
             if not current_result(results, command):
                 write_atomic(layer_path, yaml.safe_dump(layer, sort_keys=False))
                 (results / "study_command.json").unlink(missing_ok=True)

@@ -11,18 +11,23 @@ reply's *parse path*, written to predictions.jsonl and counted per task in resul
    richtige Antwort ist C", "a alternativa correta é C", "la risposta corretta è C"). Each statement's span runs
    to the next statement, so the **last** one wins wherever it stands, on its line or a later one. A
    self-correction after it ("Hmm, no", "wait", "actually", "espera", "en fait", "eigentlich", "anzi"…) voids
-   it: the choice the correction names instead wins, and if it names none the reply is unparsable.
+   it: the choice the correction names instead wins (its verdict, its own last statement or conclusion — "Hmm,
+   no — on reflection, …, so A." — or its first sentence that names one), and if it names none the reply is
+   unparsable. First-person and hedged picks are final statements too ("I'd go with (c)", "my pick is B", "the
+   closest is B", "if I had to choose, B", "elegiría la C", "je choisirais C"), and so is a conclusion word whose
+   sentence is a choice alone ("Therefore, B.", "Hence: B", "So, (C)", "it has to be C", "Por lo tanto, C").
 3. ``lone_choice_line``: a line that is nothing but a choice ("B", "**B.**", "C. Aspirin"), followed by an
    explanation, not by the next option of a recited list.
-4. ``verdict``: "C is correct", "not A but C", "Also ist C richtig", "C est correcte" (rejections such as "D is
-   wrong" never count as a choice).
+4. ``verdict``: "C is correct", "C is the best fit", "C seems most likely", "not A but C", "Also ist C richtig",
+   "C est correcte" (rejections such as "D is wrong" never count as a choice).
 5. ``whole_reply``: the whole reply as one short answer: "C", "(c)", "Option C", "C. Aspirin", or an option's
    text alone.
 
 Inside any of these, a span names a choice by its letter (any case when it stands alone, "Option C", "la C",
-"(C)"), by the text of exactly one option, or, for an option that is an abbreviation ("DKA"), by its expansion
-("diabetic ketoacidosis", matched as Schwartz & Hearst match long forms); LaTeX and markdown wrappers are
-stripped first. A span that names two different choices ("B or C", PubMedQA "yes or maybe") names none: it is
+"(C)"), by the text of exactly one option (of two nested texts, "Hypothyroidism" and "Subclinical
+hypothyroidism", the more specific one the span contains), or, for an option that is an abbreviation ("DKA"), by
+its expansion ("diabetic ketoacidosis", matched as Schwartz & Hearst match long forms); LaTeX and markdown wrappers
+are stripped first. A span that names two different choices ("B or C", PubMedQA "yes or maybe") names none: it is
 skipped, and if nothing else names a choice the reply is unparsable.
 """
 
@@ -35,13 +40,20 @@ LATEX_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|emph|mbox)\s
 _ART = r"(?:(?:the|la|el|le|die|der|das|a|o)\s+|l')?"
 FINAL_PHRASE = re.compile(
     r"\bfinal answer\b|\b(?:the\s+)?(?:correct|best|right|most likely|most appropriate)\s+(?:answer|option|choice)\b"
-    r"|\bthe answer\b|\banswer\b|\bI(?:'ll| will| would)? (?:choose|go with|pick|select)\b|最终答案|正确答案|答案"
+    r"|\bthe answer\b|\banswer\b|最终答案|正确答案|答案"
+    # first person, and hedged picks ("I'd go with (c)", "my pick is B", "the closest is B", "if I had to choose, B")
+    r"|\bI(?:'ll|'d| will| would| am going to|'m going to)?\s+(?:choose|go with|go for|pick|select|opt for"
+    r"|lean towards?)\b|\bI(?:'m| am) going with\b|\bmy (?:final )?(?:pick|choice|answer|vote|bet)\b"
+    r"|\b(?:the\s+)?(?:closest|best fit|best match|most plausible|likeliest|most probable)(?:\s+(?:answer|option|choice"
+    r"|one|fit))?\b|\bif I (?:had|have|were) to (?:choose|pick|guess)\b"
     # es
     r"|\b(?:la\s+)?respuesta(?:\s+(?:correcta|final))?\b|\b(?:la\s+)?(?:opci[oó]n|alternativa)\s+correcta\b"
-    r"|\bme quedo con\b|\belijo\b"
+    r"|\bme quedo con\b|\belijo\b|\belegir[ií]a\b|\bescoger[ií]a\b|\bme decanto por\b|\b(?:la|el) correct[ao]\b"
+    r"|\bsi tuviera que (?:elegir|escoger)\b|\b(?:la|el) m[aá]s probable\b"
     # fr
     r"|\b(?:la\s+)?(?:bonne\s+)?r[ée]ponse(?:\s+(?:finale|correcte))?\b|\b(?:la\s+)?bonne\s+option\b"
-    r"|\bl'option\s+correcte\b|\bje (?:choisis|retiens)\b"
+    r"|\bl'option\s+correcte\b|\bje (?:choisis|retiens|choisirais|prendrais)\b|\bmon choix\b"
+    r"|\bsi je devais choisir\b|\b(?:la|le) plus probable\b"
     # de
     r"|\b(?:die\s+)?(?:richtige\s+|korrekte\s+)?antwort\b|\b(?:die\s+)?richtige\s+(?:option|wahl)\b|\bich w[äa]hle\b"
     # pt
@@ -51,17 +63,24 @@ FINAL_PHRASE = re.compile(
     r"|\b(?:la\s+)?scelta\s+corretta\b|\bscelgo\b", re.IGNORECASE)
 COPULA = re.compile(r"^\s*(?:(?:is|would be|should be|must be|lautet|ist|es|est|sería|serait|wäre|seria|sarebbe|é|è)"
                     r"(?!\w)|=|:|：|是|为)?\s*:?\s*", re.IGNORECASE)
+#: a conclusion word whose sentence is nothing but a choice ("Therefore, B.", "Hence: B", "So, (C)", "it has to be C"):
+#: counted as a final statement only when the rest of its sentence is a choice alone
+CONCLUSION = re.compile(
+    r"\b(?:therefore|thus|hence|so|consequently|in conclusion|it (?:has to|must|should|would|will) be"
+    r"|por (?:lo )?tanto|entonces|as[ií] que|tiene que ser|donc|ainsi|c'est donc|also|daher|somit|portanto"
+    r"|ent[ãa]o|quindi|dunque|pertanto)\b\s*[,:]?\s*", re.IGNORECASE)
 CORRECTION = re.compile(
     r"\b(?:hmm+,?\s+no|no,?\s+wait|wait|actually|on second thought|correction|scratch that|i mean|let me reconsider"
     r"|oops|espera|espere|mejor dicho|en realidad|corrijo|attends|attendez|en fait|je corrige|warte|moment mal"
     r"|eigentlich|korrektur|na verdade|aliás|corrigindo|aspetta|anzi|in realtà|correggo)\b|不对|等等",
     re.IGNORECASE)
-_OK = (r"(?:the\s+)?(?:correct|right|true|best)|richtig|korrekt|correct[ao]|correcte|corret[ao]|corrett[ao]"
+_OK = (r"(?:the\s+)?best\s+(?:fit|match|answer|option|choice)|(?:the\s+)?most\s+likely"
+       r"|(?:the\s+)?(?:correct|right|true|best)|richtig|korrekt|correct[ao]|correcte|corret[ao]|corrett[ao]"
        r"|giust[ao]|la\s+bonne(?:\s+r[ée]ponse)?|la\s+correcta")
 _LETTER = r"\(?[A-J]\)?"
 VERDICT = re.compile(rf"(?:\bnot\s+(?:option\s+)?{_LETTER}\s*,?\s*but\s+(?P<but>[^\n.;]{{1,80}}))"
                      rf"|(?P<affirmed>\b(?:option\s+|opci[oó]n\s+|l'option\s+|opzione\s+)?{_LETTER})\s+"
-                     rf"(?:is|ist|es|est|é|è)\s+(?:{_OK})\b"
+                     rf"(?:is|seems|appears|looks|ist|es|est|é|è)\s+(?:{_OK})\b"
                      rf"|\bist\s+(?:option\s+)?(?P<inverted>{_LETTER})\s+(?:richtig|korrekt)\b", re.IGNORECASE)
 EITHER = re.compile(r"(?:^|[\s(])\(?([A-J])\)?\s*(?:or|and|/|,|o|ou|oder|e|y|et|und)\s*(?:option\s+)?\(?([A-J])\b")
 REJECTED = re.compile(r"(?:\bnot\s+(?:option\s+)?\(?([A-J])\)?\b)|(?:\b(?:option\s+)?\(?([A-J])\)?\s+is\s+"
@@ -180,11 +199,25 @@ class Reader:
         if exact:
             named.append(exact[0])
         elif not named:
-            named += [i for i, t in enumerate(self.texts) if _norm(t) and f" {_norm(t)} " in normalized
-                      and i not in rejected]
+            named += self.most_specific([i for i, t in enumerate(self.texts) if _norm(t) and f" {_norm(t)} " in normalized
+                                         and i not in rejected], normalized)
         if not named:
             named += self.by_expansion(span, rejected)
         return named[0] if len(set(named)) == 1 else None
+
+    def most_specific(self, found: list[int], normalized: str) -> list[int]:
+        """Of the options whose texts a span contains, drop one that appears only inside another's ("Hypothyroidism"
+        inside "Subclinical hypothyroidism"): the span names the longer, more specific one."""
+        keep = []
+        for i in found:
+            short, rest = f" {_norm(self.texts[i])} ", normalized
+            for j in found:
+                longer = f" {_norm(self.texts[j])} "
+                if j != i and len(longer) > len(short) and short in longer:
+                    rest = rest.replace(longer, " | ")
+            if short in rest:
+                keep.append(i)
+        return keep
 
     def by_expansion(self, span: str, rejected: set) -> list[int]:
         """Options named through an abbreviation: an abbreviated option spelled out in the span ("DKA" ←
@@ -216,21 +249,32 @@ class Reader:
         choice = self.span(text, whole=True)  # 5. the whole reply as one short answer
         return (choice, "whole_reply") if choice is not None else (None, "unparsable")
 
+    def statements(self, text: str) -> list[tuple[int, int]]:
+        """(choice, end of its phrase) of every final statement and conclusion in ``text`` that names one, in order.
+        Each statement's span runs to the next; a conclusion counts only when its sentence is a choice alone."""
+        found = sorted([(m, False) for m in FINAL_PHRASE.finditer(text)] + [(m, True) for m in CONCLUSION.finditer(text)],
+                       key=lambda pair: pair[0].start())
+        out = []
+        for k, (m, strict) in enumerate(found):
+            stop = found[k + 1][0].start() if k + 1 < len(found) else len(text)
+            body = text[m.end() : stop]
+            if strict:
+                sentence = re.split(r"(?<=[.!?;])\s|\n", body.strip(), maxsplit=1)[0]
+                choice = self.only_choice(sentence.strip())
+            else:
+                body = body[COPULA.match(body).end():]
+                choice = self.span(body.split("\n", 1)[0][:160])
+            if choice is not None:
+                out.append((choice, m.end()))
+        return out
+
     def final(self, text: str) -> tuple[Optional[int], bool]:
         """The last final statement's choice, after any self-correction that follows it; ``decided`` is whether a
         statement named a choice (a corrected one that names nothing else leaves the reply unparsable)."""
-        starts = [m for m in FINAL_PHRASE.finditer(text)]
-        last, last_end = None, None
-        for k, m in enumerate(starts):
-            stop = starts[k + 1].start() if k + 1 < len(starts) else len(text)
-            body = text[m.end() : stop]
-            body = body[COPULA.match(body).end():]
-            line = body.split("\n", 1)[0][:160]
-            choice = self.span(line)
-            if choice is not None:
-                last, last_end = choice, m.end()
-        if last is None:
+        found = self.statements(text)
+        if not found:
             return None, False
+        last, last_end = found[-1]
         correction = CORRECTION.search(text, last_end)
         if correction is None:
             return last, True
@@ -240,10 +284,14 @@ class Reader:
         return instead, True
 
     def corrected(self, rest: str) -> Optional[int]:
-        """The choice a self-correction names instead: its verdicts, else the first sentence that names one."""
+        """The choice a self-correction names instead: its verdicts, else its last final statement or conclusion
+        ("…, so A."), else the first sentence that names one."""
         choice = self.verdict(rest)
         if choice is not None:
             return choice
+        found = self.statements(rest)
+        if found:
+            return found[-1][0]
         for sentence in re.split(r"(?<=[.!?;:—–])\s+|\n+", rest):
             sentence = sentence.strip(" ,:;—–-.")
             choice = self.span(sentence) if sentence else None

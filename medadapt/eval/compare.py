@@ -20,8 +20,10 @@ class IncomparableRunsError(ValueError):
 
 
 def load_run(directory: str) -> tuple[dict, dict]:
-    """A run's results.json and its per-item correctness from predictions.jsonl; each task's accuracy is recomputed
-    from the predictions and must equal what results.json says (an edited or mixed-up file is refused)."""
+    """A run's results and its per-item correctness, every number recomputed from predictions.jsonl (per-task
+    accuracy, intervals, macro averages, pass@1): results.json must agree with them, and a run whose results.json was
+    edited (or belongs to other predictions) is refused rather than shown."""
+    from medadapt.eval.report import summarize
     from medadapt.files import UnreadableFileError, read_json
 
     d = Path(directory)
@@ -30,24 +32,38 @@ def load_run(directory: str) -> tuple[dict, dict]:
     results = read_json(d / "results.json", "results")
     if not isinstance(results.get("tasks"), dict):
         raise UnreadableFileError(f"results {d / 'results.json'}: no 'tasks' record; is this a test-stage results.json?")
-    preds, sums = {}, {}
+    preds, records = {}, []
     with open(d / "predictions.jsonl", encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             try:
                 r = json.loads(line)
                 key, ok = (r["task"], r["id"]), float(r["acc"])
+                r["pred"], r["gold"], r.setdefault("pred_norm", r["pred"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise UnreadableFileError(f"predictions {d / 'predictions.jsonl'}: line {number} is not a prediction "
-                                          "record (task, id, acc)") from None
+                                          "record (task, id, acc, pred, gold)") from None
             preds[key] = ok
-            sums.setdefault(key[0], []).append(ok)
-    for task, m in results["tasks"].items():
-        got = sum(sums.get(task, [])) / len(sums[task]) if sums.get(task) else None
-        if got is None or abs(got - m.get("acc", -1)) > 1e-9 or len(sums[task]) != m.get("n"):
+            records.append(r)
+    summary = summarize(records)
+    recorded = results["tasks"]
+    for task in sorted(set(recorded) | set(summary["tasks"])):
+        m, got = recorded.get(task) or {}, summary["tasks"].get(task) or {}
+        if abs(got.get("acc", -1) - m.get("acc", -2)) > 1e-9 or got.get("n") != m.get("n"):
             raise IncomparableRunsError(
                 f"{d}: results.json says {task} acc {m.get('acc')} over {m.get('n')} items, its predictions.jsonl gives "
-                f"{got} over {len(sums.get(task, []))}: the two files do not belong together (edited, or mixed up)")
-    return results, preds
+                f"{got.get('acc')} over {got.get('n', 0)}: the two files do not belong together (edited, or mixed up)")
+    for key in ("macro_avg_acc", "macro_avg_pass@1"):
+        if key in results and results[key] is not None and abs(results[key] - summary.get(key, float("nan"))) > 1e-9:
+            raise IncomparableRunsError(f"{d}: results.json says {key} {results[key]}, its predictions.jsonl gives "
+                                        f"{summary.get(key)}: results.json was edited")
+    return {**results, **summary}, preds
+
+
+def interval(ci) -> str:
+    """" [low, high]" in percent, or "" when the interval is undefined (one item: no standard error)."""
+    if not ci or any(v is None or not math.isfinite(v) for v in ci):
+        return ""
+    return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
 def protocol(results: dict) -> dict:
@@ -117,7 +133,7 @@ def build_table(runs: dict[str, tuple[dict, dict]], baseline: str) -> str:
         cells = []
         for t in tasks:
             m = results["tasks"].get(t)
-            cells.append("–" if m is None else f"{100 * m['acc']:.1f} [{100 * m['acc_ci95'][0]:.1f}, {100 * m['acc_ci95'][1]:.1f}]")
+            cells.append("–" if m is None else f"{100 * m['acc']:.1f}{interval(m.get('acc_ci95'))}")
         cells.append(f"{100 * results['macro_avg_acc']:.1f}")
         if generative:
             cells += [f"{100 * results['macro_avg_pass@1']:.1f}" if "macro_avg_pass@1" in results else "–",

@@ -100,6 +100,19 @@ class BenchmarkDataModule(L.LightningDataModule):
         """The evaluated model's tokenizer, handed over by the run: prompts are encoded as the model reads them."""
         self.tokenizer = tokenizer
 
+    def limit_context(self, context: Optional[int]) -> None:
+        """The evaluated model's context length, handed over by the run: no prompt longer than the model reads is
+        ever scored (a ``data.max_length`` above it is capped there, and says so)."""
+        self.context = context
+        if context and self.hparams.max_length > context:
+            log.warning("data.max_length=%d exceeds the model's context (%d tokens): prompts are held to %d",
+                        self.hparams.max_length, context, context)
+
+    @property
+    def prompt_limit(self) -> int:
+        context = getattr(self, "context", None)
+        return min(self.hparams.max_length, context) if context else self.hparams.max_length
+
     def setup(self, stage: str) -> None:
         if self.items:
             return
@@ -127,24 +140,26 @@ class BenchmarkDataModule(L.LightningDataModule):
             raise ValueError("no benchmark items to evaluate (no tasks and no custom tasks)")
         if h.mode == "generate":
             encoded = [[gen_row(self.tokenizer, it, self.generation)] for it in self.items]
-            long = sorted(((len(r.input_ids), r.item) for (r,) in encoded if len(r.input_ids) > h.max_length),
+            limit = self.prompt_limit
+            long = sorted(((len(r.input_ids), r.item) for (r,) in encoded if len(r.input_ids) > limit),
                           key=lambda x: -x[0])
             if long:
                 n, item = long[0]
                 raise ValueError(
-                    f"{len(long)} generative prompts are longer than data.max_length={h.max_length} (the longest, "
+                    f"{len(long)} generative prompts are longer than {limit} tokens (data.max_length={h.max_length}, "
+                    f"the model's context {getattr(self, 'context', None) or 'unknown'}; the longest, "
                     f"{item.task} item {item.id}, has {n} tokens): cutting a chat prompt from the left would remove "
                     "its template; raise data.max_length (within the model's context, with max_new_tokens) or "
                     "evaluate those tasks in log-likelihood mode")
         else:
-            encoded = [item_rows(self.tokenizer, it, h.max_length) for it in self.items]
+            encoded = [item_rows(self.tokenizer, it, self.prompt_limit) for it in self.items]
             self.truncated = {}
             for rows in encoded:
                 if any(r.cut for r in rows):
                     self.truncated[rows[0].item.task] = self.truncated.get(rows[0].item.task, 0) + 1
             for task, n in self.truncated.items():
-                log.warning("%s: %d prompts longer than data.max_length=%d were cut from the left (as lm-eval does at "
-                            "the model length); results.json counts them", task, n, h.max_length)
+                log.warning("%s: %d prompts longer than %d tokens were cut from the left (as lm-eval does at the model "
+                            "length); results.json counts them", task, n, self.prompt_limit)
         # longest first, as lm-eval orders requests: padding stays small and a memory error shows at once
         self.encoded = sorted(encoded, key=lambda rows: -max(len(r.input_ids) for r in rows))
         log.info("%d benchmark items (%s), %d forward rows", len(self.items),

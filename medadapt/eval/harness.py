@@ -9,6 +9,7 @@ under one process or DDP.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Optional
 
 import torch
@@ -16,6 +17,10 @@ import torch
 from medadapt.eval.report import fingerprint, summarize, write_results
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteScoreError(ValueError):
+    """The evaluated model gave NaN or infinite log-likelihoods: there is no score to report."""
 
 
 class BenchmarkHarness:
@@ -38,7 +43,15 @@ class BenchmarkHarness:
     def _score(self, model, batch: dict) -> None:
         from medadapt.eval.scoring import decide, forward_rows, score_rows
 
-        for item, per_choice in score_rows(forward_rows(model, batch), batch["rows"]):
+        scored = list(score_rows(forward_rows(model, batch), batch["rows"]))
+        broken = [f"{item.task}/{item.id}" for item, per_choice in scored
+                  if not all(math.isfinite(per_choice[c][0]) for c in range(len(item.choices)))]
+        if broken:  # a NaN scored as "the lowest" would pick a choice for the weights' failure
+            raise NonFiniteScoreError(
+                f"non-finite log-likelihoods for {len(broken)} item(s) ({', '.join(broken[:5])}"
+                f"{', …' if len(broken) > 5 else ''}): the evaluated weights (or the precision) give NaN/inf logits; "
+                "nothing is scored from them")
+        for item, per_choice in scored:
             lls = [per_choice[c][0] for c in range(len(item.choices))]
             self._add(item, {"loglikelihoods": lls, "is_greedy": [per_choice[c][1] for c in range(len(item.choices))],
                              **decide(item, lls)})

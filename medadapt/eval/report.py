@@ -108,8 +108,9 @@ def set_aside_previous(directory: str) -> None:
     path = Path(directory)
     if not (path / "results.json").exists():
         return
-    previous = path / "previous"
-    previous.mkdir(exist_ok=True)
+    from medadapt.files import output_folder
+
+    previous = output_folder(path / "previous", "the folder earlier results are set aside in")
     when = datetime.fromtimestamp((path / "results.json").stat().st_mtime).isoformat(timespec="seconds")
     for name in ("results.json", "predictions.jsonl"):
         if (path / name).exists():

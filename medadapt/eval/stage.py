@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from medadapt.model import write_adapter_metadata
+from medadapt.model import save_adapter, write_adapter_metadata
 
 
 class TestStage:
@@ -81,7 +81,7 @@ class TestStage:
             adapter = self.init_adapter_path
             if adapter is None and self.lora_used is not None:  # a fit checkpoint: its LoRA as a PEFT adapter
                 adapter = tmp
-                self.model.save_pretrained(adapter, safe_serialization=True, selected_adapters=["default"])
+                save_adapter(self.model, adapter)
                 write_adapter_metadata(adapter, self.resolved_model_cfg, self.lora_used)
             dtype = str(resolve_dtype(self.resolved_model_cfg.compute_dtype)).removeprefix("torch.")
             model_dir, lora = vllm_backend.served_weights(self.resolved_model_cfg, adapter, dtype)

@@ -67,6 +67,17 @@ def resolve_embedder(name: str) -> str:
     return name
 
 
+def embedder_identity(name: str) -> str:
+    """The embedder's content identity (its weight and config files' digest where they are on this machine): an index
+    records it, so weights replaced under the same name are noticed (their vectors would match nothing)."""
+    from pathlib import Path
+
+    from medadapt.fingerprint import model_identity
+
+    path = Path(resolve_embedder(name))
+    return model_identity(name, None, path if path.exists() else None)
+
+
 def _device(name: Optional[str]):
     from haystack.utils import ComponentDevice
 

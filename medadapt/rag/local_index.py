@@ -116,13 +116,19 @@ class LocalIndex:
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
-    def check_embedder(self, embedder: str) -> None:
-        """Refuse to mix embedders in one index: the vectors would not be comparable. (The embedder is
-        recorded with the first committed chunk, so a run that indexes nothing leaves no manifest.)"""
+    def check_embedder(self, embedder: str, identity: Optional[str] = None) -> None:
+        """Refuse to mix embedders in one index: the vectors would not be comparable, whether the embedder's name
+        changed or its weights did under the same name (``identity``: its content digest). The embedder is recorded
+        with the first committed chunk, so a run that indexes nothing leaves no manifest."""
         m = self.manifest()
         if m.get("embedder") and m["embedder"] != embedder:
             raise ValueError(f"{self.dir} was embedded with {m['embedder']!r}, not {embedder!r}; "
                              "use another index dir or the same embedder")
+        if identity and m.get("embedder_identity") and m["embedder_identity"] != identity:
+            raise ValueError(f"{self.dir} was embedded with {m['embedder']!r} as it was then ({m['embedder_identity'][:19]}…"
+                             f"); its weights are now other ones ({identity[:19]}…): their vectors match nothing in this "
+                             "index. Rebuild it (index --rebuild true) or restore the embedder")
+        self._embedder_identity = identity
 
     @contextmanager
     def writing(self):
@@ -185,6 +191,8 @@ class LocalIndex:
         m["dim"] = int(emb.shape[1])
         if embedder and not m.get("embedder"):
             m["embedder"] = embedder
+            if getattr(self, "_embedder_identity", None):
+                m["embedder_identity"] = self._embedder_identity
         self._save_manifest(m)
         return len(docs)
 

@@ -106,6 +106,8 @@ class HybridRetriever:
         if recorded and recorded != cfg.embedder:  # another model's query vectors match nothing, silently
             raise ValueError(f"index {cfg.dir} was embedded with {recorded!r}; queries must be embedded by the same "
                              f"model, not {cfg.embedder!r}: set index.embedder to {recorded!r}")
+        if recorded:
+            self.store.check_embedder(cfg.embedder)  # the same name with other weights matches nothing either
         self.pipeline = retrieval_pipeline(cfg, retrieval, self.store)
         self.pipeline.warm_up()
 

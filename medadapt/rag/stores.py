@@ -34,7 +34,9 @@ class LocalStore:
         return self.index.writing()
 
     def check_embedder(self, embedder: str) -> None:
-        self.index.check_embedder(embedder)
+        from medadapt.rag.config import embedder_identity
+
+        self.index.check_embedder(embedder, embedder_identity(embedder))
 
     def indexed(self) -> dict[str, str]:
         return self.index.indexed()

@@ -123,6 +123,14 @@ class VerifiableQADataModule(DataFingerprint, L.LightningDataModule):
     def connect(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
+    def limit_context(self, context: Optional[int]) -> None:
+        """The policy's context length, handed over by the run: a prompt longer than the model reads is dropped
+        (counted) like one over ``max_prompt_length``."""
+        if context and self.hparams.max_prompt_length > context:
+            log.warning("data.max_prompt_length=%d exceeds the model's context (%d tokens): prompts are held to %d",
+                        self.hparams.max_prompt_length, context, context)
+            self.hparams.max_prompt_length = context
+
     def fingerprint(self) -> dict:
         """Settings, and every local source file by content."""
         from medadapt.fingerprint import file_digest

@@ -38,7 +38,7 @@ from medadapt.rl.grpo import GRPOConfig, group_advantages, grpo_terms, importanc
 from medadapt.rl.rollout import Clock, Completion, Sampling, reward
 from medadapt.rl.sampler import PolicySampler
 from medadapt.rl.scoring import collate_scoring, completion_logprobs, reference_policy, to_device
-from medadapt.training import AdapterModule, grad_norm, rank_zero
+from medadapt.training import AdapterModule, NonFiniteTrainingError, grad_norm, rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,29 @@ class GRPOModule(AdapterModule):
                       (cfg.pass_rate_filter.max_new_tokens or 0) if cfg.pass_rate_filter else 0)
         return int(self.max_prompt_tokens or 2048) + longest + max(cfg.answer_budget, cfg.validation.answer_budget) + 16
 
+    #: settings that change what is optimised; the rest (backend, engine, validation) may change on a resume
+    OBJECTIVE = ("group_size", "max_new_tokens", "temperature", "top_p", "top_k", "beta", "kl_ratio_weight",
+                 "clip_eps", "clip_eps_high", "scale_rewards", "averaging", "no_signal", "dynamic_sampling",
+                 "updates_per_batch", "truncation", "answer_budget", "importance_sampling", "importance_sampling_cap",
+                 "format_reward", "std_eps")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["medadapt"]["objective"] = {k: getattr(self.rl_cfg, k) for k in self.OBJECTIVE}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resume optimises what the checkpoint optimised: another group size, β, temperature, normalisation… would
+        splice two objectives into one run and report it as one."""
+        super().on_load_checkpoint(checkpoint)
+        recorded = (checkpoint.get("medadapt") or {}).get("objective")
+        if recorded:
+            changed = {k: (v, getattr(self.rl_cfg, k)) for k, v in recorded.items()
+                       if k in self.OBJECTIVE and getattr(self.rl_cfg, k) != v}
+            if changed:
+                raise RLSetupError("resuming with another objective than the checkpoint was trained with: "
+                                   + ", ".join(f"rl.{k} {old!r} → {new!r}" for k, (old, new) in changed.items())
+                                   + "; resume with the checkpoint's settings, or start a new run")
+
     def on_fit_start(self) -> None:
         if self.rl_cfg.pass_rate_filter is not None and self.trainer.datamodule is not None:
             from medadapt.rl.passrate import filter_by_pass_rate
@@ -167,6 +190,10 @@ class GRPOModule(AdapterModule):
         rewards = torch.tensor([[c.reward for c in g] for _, g in groups], dtype=torch.float32).view(-1, cfg.group_size)
         batch_std = self.global_std(rewards) if cfg.scale_rewards == "batch" else None
         advantages = group_advantages(rewards, cfg.scale_rewards, cfg.std_eps, batch_std) if len(groups) else rewards
+        if not bool(torch.isfinite(advantages).all()):
+            raise NonFiniteTrainingError(f"step {self.trainer.global_step + 1}: non-finite advantages (rewards "
+                                         f"{rewards.flatten().tolist()[:8]}…, rl.std_eps={cfg.std_eps}, "
+                                         f"rl.scale_rewards={cfg.scale_rewards}, rl.format_reward={cfg.format_reward})")
         scored: list[tuple[Completion, float]] = []
         for (row, group), adv in zip(groups, advantages.tolist()):
             if cfg.no_signal == "drop" and not has_signal(group):
@@ -201,6 +228,12 @@ class GRPOModule(AdapterModule):
                 schedule.step()
                 for k, v in sums.items():
                     stats[k] = stats.get(k, 0) + v
+                if not bool(torch.isfinite(sums["loss"])):  # one sync per update: an RL step is long
+                    raise NonFiniteTrainingError(
+                        f"step {self.trainer.global_step}: the GRPO loss is non-finite; training stops and no adapter "
+                        f"is exported. Settings that cause it: rl.temperature={cfg.temperature} (log-probabilities "
+                        f"of logits / T), rl.beta={cfg.beta}, optim.lr={self.optim_cfg.lr:g}, trainer.precision="
+                        f"{self.trainer.precision}")
         stats["update_s"] = torch.tensor(clock.seconds["update"] + clock.seconds["scoring"], device=self.device)
         stats["step_s"] = torch.tensor(time.perf_counter() - started, device=self.device)
         self.log_step(stats, norm)

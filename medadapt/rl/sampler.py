@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from medadapt.eval.generative import FORCED_ANSWER, GenRow
+from medadapt.model import save_adapter
 from medadapt.rl.grpo import GRPOConfig
 from medadapt.rl.rollout import Completion, Sampling, completions_of, sample_hf, vllm_request
 
@@ -51,7 +52,7 @@ class PolicySampler:
         server, module = self.server, self.module
         number = server.requests + 1
         folder = server.dir / f"policy{number}"
-        module.model.save_pretrained(str(folder), selected_adapters=["default"])
+        save_adapter(module.model, folder)
         if self.sent is not None:
             shutil.rmtree(self.sent, ignore_errors=True)
         self.sent = folder

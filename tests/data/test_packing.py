@@ -67,6 +67,10 @@ def summed_loss(model, batch):
 def test_packed_equals_unpacked_with_positions_alone(arch, attn, request):
     """Restarted position_ids, no mask: every implementation that runs on CPU isolates packed examples (their
     logits equal their logits alone, 1e-5), and agrees with the explicit block-diagonal mask."""
+    from medadapt.attention import cpu_flex_problem
+
+    if attn == "flex_attention" and cpu_flex_problem():  # refused where torch's CPU kernel is wrong (issue 27)
+        pytest.skip(cpu_flex_problem())
     path = request.getfixturevalue(arch)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
     examples = random_examples(6, seed=1)

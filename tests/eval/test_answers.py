@@ -194,3 +194,64 @@ def test_the_parse_path_names_the_rule_that_decided(reply, path):
 
     assert read_reply(THOUGHT + reply, MCQ, thinking=True)[1] == path
     assert read_reply("<think>\nstill thinking", MCQ, thinking=True) == (None, "no_answer")
+
+
+# ---- issue 27: the classes the re-probe still left unread -----------------------------------------------------
+THYROID = Item("medqa_4options", "9", "", ["A", "B", "C", "D"], 1, "Most likely diagnosis?",
+               ["Hypothyroidism", "Subclinical hypothyroidism", "Graves disease", "Thyroiditis"])
+RECITED = "A. Warfarin\nB. Heparin infusion\nC. Aspirin\nD. Clopidogrel\n\n"
+
+NESTED = [  # the reply names the longer of two nested option texts: the most specific match
+    (THYROID, "The answer is subclinical hypothyroidism.", 1),
+    (THYROID, "Final answer: Subclinical Hypothyroidism, given the normal T4.", 1),
+    (THYROID, "La respuesta correcta es subclinical hypothyroidism.", 1),
+    (THYROID, "The answer is hypothyroidism.", 0),  # the shorter one alone is still itself
+    (THYROID, "Answer: hypothyroidism, not subclinical hypothyroidism.", None),  # both named apart: none
+]
+FIRST_PERSON = [
+    (MCQ, "I'd go with (c).", C),
+    (MCQ, "I'd pick B here.", B),
+    (MCQ, "My pick is D.", D),
+    (MCQ, "I'm going with C, aspirin.", C),
+    (MCQ, "I'll go for option A.", A),
+    (MCQ, "My choice would be C.", C),
+    (MCQ, "Yo elegiría la C.", C),
+    (MCQ, "Me decanto por la B.", B),
+    (MCQ, "Je choisirais C.", C),
+    (MCQ, "Mon choix : D.", D),
+]
+CONCLUSION = [  # the options recited one per line, then a conclusion word and a lone letter
+    (MCQ, RECITED + "Therefore, C.", C),
+    (MCQ, RECITED + "Hence: B", B),
+    (MCQ, RECITED + "So, C.", C),
+    (MCQ, RECITED + "Thus (C).", C),
+    (MCQ, RECITED + "Por lo tanto, C.", C),
+    (MCQ, RECITED + "Donc : B.", B),
+    (MCQ, RECITED + "Also: C", C),
+    (MCQ, RECITED + "So, C is wrong.", None),  # a rejection is not a pick
+    (MCQ, RECITED + "Therefore, B or C.", None),
+]
+HEDGED = [
+    (MCQ, "None fits perfectly; the closest is C.", C),
+    (MCQ, "If I had to choose, B.", B),
+    (MCQ, "C is the best fit here.", C),
+    (MCQ, "The best match is D.", D),
+    (MCQ, "C seems most likely.", C),
+    (MCQ, "The most plausible option is A.", A),
+    (MCQ, "Si tuviera que elegir, la B.", B),
+    (MCQ, "La más probable es la C.", C),
+    (MCQ, "Si je devais choisir, D.", D),
+    (MCQ, "La plus probable est C.", C),
+]
+LATE_CORRECTION = [  # a self-correction whose new choice comes at the end of its sentence
+    (MCQ, "The answer is C. Hmm, no — on reflection, given the bleeding risk, heparin is safer, so B.", B),
+    (MCQ, "Final answer: D. Wait, no, thinking about onset times again, the first drug is aspirin, so C.", C),
+    (MCQ, "The answer is A. Actually no, after rereading the question it has to be C.", C),
+    (MCQ, "La respuesta es A. Espera, no: por la vía de administración, la correcta es la C.", C),
+    (MCQ, "The answer is C. Hmm, no — on reflection, I am not sure.", None),  # retracted, nothing instead
+]
+
+
+@pytest.mark.parametrize("item, reply, expected", NESTED + FIRST_PERSON + CONCLUSION + HEDGED + LATE_CORRECTION)
+def test_reads_the_classes_the_re_probe_left_unread(item, reply, expected):
+    assert extract_answer(THOUGHT + reply, item, thinking=True) == expected

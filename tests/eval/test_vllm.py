@@ -112,6 +112,7 @@ def test_4bit_and_stacked_weights_are_served_merged(tiny_qwen, tmp_path, monkeyp
     assert served_weights(plain, None, "float32") == (tiny_qwen, None)
 
 
+@pytest.mark.slow  # out of the 5-minute fast set; CI runs it
 def test_a_fit_checkpoint_is_served_as_the_weights_it_holds(trained, tmp_path, monkeypatch):
     """``test --ckpt_path last.ckpt`` with the vllm backend hands the engine the checkpoint's LoRA (as an adapter,
     merged into the nf4 base here) and nothing else. The engine is replaced by HF generate on exactly what it

@@ -190,6 +190,7 @@ def test_steps_that_never_carry_signal_stop_the_run_with_the_reason(tiny_qwen, t
         run(tiny_qwen, tmp_path, 5, short_questions, monkeypatch, nothing)
 
 
+@pytest.mark.slow  # out of the 5-minute fast set; CI runs it
 def test_a_killed_run_resumes_with_the_losses_of_an_uninterrupted_one(tiny_qwen, tmp_path, monkeypatch,
                                                                        short_questions):
     kw = {"lr": 5e-2, "monkeypatch": monkeypatch, "reward": parity, "source": short_questions}
@@ -369,3 +370,13 @@ def test_rl_runs_under_ddp_with_each_rank_sampling_its_own_questions(tiny_qwen, 
     assert [int(r["step"]) for r in rows if r.get("rl/reward_mean")] == [1, 2]
     assert any(r.get("val/heldout_acc") for r in rows)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_resuming_with_another_objective_is_refused(tiny_qwen, tmp_path, monkeypatch, short_questions):
+    """A resume optimises what the checkpoint optimised (issue 27: group size, β, temperature and the normalisation
+    changed on `--ckpt_path last.ckpt` with only the schedule message)."""
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    run(tiny_qwen, tmp_path / "a", 1, short_questions, monkeypatch, parity, callbacks=[saver])
+    with pytest.raises(RLSetupError, match=r"another objective.*rl.temperature 1.0 → 0.3, rl.beta 0.04 → 0.5"):
+        run(tiny_qwen, tmp_path / "b", 2, short_questions, monkeypatch, parity, beta=0.5, temperature=0.3,
+            resume=str(tmp_path / "ckpt" / "step=1.ckpt"))
