@@ -177,6 +177,7 @@ COMMANDS = {
     "multistep": ("medadapt.commands.multistep:main", "chained fits, e.g. CPT then SFT (configs/multistep.yaml)"),
     "study": ("medadapt.commands.study:main", "base vs RAG vs SFT vs CPT→SFT vs SFT+RAG (vs SFT→RL), end to end"),
     "export": ("medadapt.commands.export:main", "merge an adapter into its base: a standalone HF folder"),
+    "push": ("medadapt.commands.push:main", "an adapter (or merged model) to the Hugging Face Hub, with its model card"),
     "compare": ("medadapt.eval.compare:main", "methods × tasks with 95% CIs, paired McNemar tests, chart"),
     "decontaminate": ("medadapt.eval.decontaminate:main", "n-gram overlap of training data with the benchmarks"),
 }

@@ -276,15 +276,19 @@ def trained_on(cfg: ModelConfig) -> dict:
 
 
 def write_adapter_metadata(adapter_dir: str, cfg: ModelConfig, lora: Optional[LoraConfig],
-                           record: Optional[dict] = None, method: Optional[str] = None) -> None:
-    """Record beside an exported adapter what it was trained on (``trained_on``) and by which method (``sft`` for
-    next-token training, ``rl``), so evaluation and export rebuild exactly those weights and notice when any of them
-    changed."""
+                           record: Optional[dict] = None, method: Optional[str] = None,
+                           recipe: Optional[dict] = None) -> None:
+    """Record beside an exported adapter what it was trained on (``trained_on``), by which method (``sft`` for
+    next-token training, ``rl``) and with which recipe (optimizer, schedule, steps, precision, the data and its
+    fingerprint, RL settings: what a model card states), so evaluation and export rebuild exactly those weights and
+    notice when any of them changed."""
     from medadapt.files import write_json
 
     meta = {"base": record or trained_on(cfg), "lora": asdict(lora) if lora else None}
     if method is not None:
         meta["method"] = method
+    if recipe is not None:
+        meta["recipe"] = recipe
     write_json(Path(adapter_dir, ADAPTER_METADATA), meta, indent=2)
 
 
@@ -303,6 +307,8 @@ def read_adapter_metadata(adapter_dir: str) -> dict:
         if not isinstance(meta.get("base"), dict):
             raise UnreadableFileError(f"adapter metadata {path / ADAPTER_METADATA}: no 'base' record (a mapping of "
                                       "what the adapter was trained on); was it edited?")
+        if meta["base"].get("base_adapters_relative"):  # a pushed stack: its base adapters travel inside the folder
+            meta["base"]["base_adapters"] = [str(path / p) for p in meta["base"].get("base_adapters") or []]
         return {**meta, "foreign": False}
     base = peft_cfg.get("base_model_name_or_path")
     return {"base": {"name_or_path": base} if base else None, "lora": None, "foreign": True}

@@ -11,6 +11,7 @@ the end of ``fit`` with its metadata. A method adds its step, its validation and
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -256,9 +257,26 @@ class AdapterModule(L.LightningModule):
             save_adapter(self.model, path)
             self.tokenizer.save_pretrained(path)
             write_adapter_metadata(path, self.resolved_model_cfg, self.lora_used, self.trained_record,
-                                   method=self.METHOD)
+                                   method=self.METHOD, recipe=self.recipe())
             log.info("exported PEFT adapter to %s", path)
         self.trainer.strategy.barrier()
+
+    def recipe(self) -> dict:
+        """How this adapter was trained, as run (not as some config file says): optimizer and schedule, steps, precision,
+        devices, the data module's settings and the digest of its fingerprint (local files by content)."""
+        from medadapt.fingerprint import digest_value
+
+        trainer = self.trainer
+        data = trainer.datamodule
+        settings = {k: v for k, v in dict(getattr(data, "hparams", {}) or {}).items() if k not in ("tokenizer",)}
+        fingerprint = data.fingerprint() if hasattr(data, "fingerprint") else None
+        return {"optim": asdict(self.optim_cfg), "schedule": getattr(self, "schedule", None),
+                "optimizer_steps": trainer.global_step, "max_steps": trainer.max_steps, "max_epochs": trainer.max_epochs,
+                "accumulate_grad_batches": trainer.accumulate_grad_batches, "precision": str(trainer.precision),
+                "world_size": trainer.world_size, "seed": os.environ.get("PL_GLOBAL_SEED"),
+                "data": {"class": f"{type(data).__module__}.{type(data).__name__}" if data is not None else None,
+                         "settings": json_safe(settings),
+                         "fingerprint": digest_value(fingerprint) if fingerprint is not None else None}}
 
     def check_trained_tensors(self) -> None:
         """No adapter with NaN or infinite weights is ever exported; one that never left its initialization (every
@@ -299,6 +317,21 @@ def check_finite(first_bad_step: int, grad_norm_value: float, step: int, lr: flo
         f"{what} (seen at step {step}): training stops and no adapter is exported (checkpoints from that step on hold "
         f"non-finite weights). Usual causes: the learning rate (optim.lr={lr:g}), the precision (trainer.precision="
         f"{precision}, model.compute_dtype={dtype}), or attention that computes NaN on this device")
+
+
+def json_safe(value: Any) -> Any:
+    """Settings as JSON can hold them (dataclasses as dicts, anything else as its text)."""
+    from dataclasses import is_dataclass
+
+    if is_dataclass(value) and not isinstance(value, type):
+        return json_safe(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def grad_norm(grads: list[torch.Tensor]) -> float:

@@ -124,6 +124,15 @@ def trained(tiny_qwen, short_sft_file, tmp_path_factory):
     return {"adapter": root / "ckpt" / "adapter", "ckpt": root / "ckpt" / "last.ckpt", "base": tiny_qwen}
 
 
+def sft_stage(base: str, data_file: str, max_steps: int) -> dict:
+    """A multistep stage config: unquantized tiny SFT on ``data_file``, no logger, no progress bar."""
+    return {"model": {"model": {"name_or_path": base, "load_in_4bit": False, "compute_dtype": "float32"},
+                      "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "optim": {"fused": False}},
+            "data": {"class_path": "medadapt.data.reasoning.ReasoningSFTDataModule",
+                     "init_args": {"data_files": data_file, "max_length": 256, "val_fraction": 0}},
+            "trainer": {"accelerator": "cpu", "max_steps": max_steps, "logger": False, "enable_progress_bar": False}}
+
+
 def evaluate(trained, out, *extra) -> dict:
     """``python -m medadapt test`` (in-process) of ``trained["base"]`` on two PubMedQA items; its results.json."""
     import json

@@ -16,7 +16,7 @@ import torch
 
 from medadapt.cli import main as cli
 
-from .conftest import DATA, build_tiny_model, evaluate
+from .conftest import DATA, build_tiny_model, evaluate, sft_stage
 
 BENCH = DATA / "benchmarks"
 
@@ -436,12 +436,7 @@ def test_sigterm_stops_the_running_stage_and_marks_nothing_done(trained, short_s
     from .conftest import REPO
 
     stage = tmp_path / "stage.yaml"
-    stage.write_text(json.dumps({
-        "model": {"model": {"name_or_path": trained["base"], "load_in_4bit": False, "compute_dtype": "float32"},
-                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "optim": {"fused": False}},
-        "data": {"class_path": "medadapt.data.reasoning.ReasoningSFTDataModule",
-                 "init_args": {"data_files": short_sft_file, "max_length": 256, "val_fraction": 0}},
-        "trainer": {"accelerator": "cpu", "max_steps": 100000, "logger": False, "enable_progress_bar": False}}))
+    stage.write_text(json.dumps(sft_stage(trained["base"], short_sft_file, 100000)))
     spec = tmp_path / "chain.yaml"
     spec.write_text(json.dumps({"work_dir": str(tmp_path / "w"), "stages": [{"name": "s", "config": str(stage)}]}))
     runner = subprocess.Popen([sys.executable, "-m", "medadapt", "multistep", "--config", str(spec)], cwd=tmp_path,

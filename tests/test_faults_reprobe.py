@@ -19,7 +19,7 @@ import torch
 
 from medadapt.cli import main as cli
 
-from .conftest import DATA, REPO, evaluate, tiny_trainer
+from .conftest import DATA, REPO, evaluate, sft_stage, tiny_trainer
 
 
 # ---- non-finite numbers stop everything ---------------------------------------------------------------------------
@@ -387,12 +387,7 @@ def test_a_stage_stopped_after_its_last_step_is_finished_by_the_next_run(trained
     from medadapt.commands.multistep import Stage, run
 
     stage_cfg = tmp_path / "stage.yaml"
-    stage_cfg.write_text(json.dumps({
-        "model": {"model": {"name_or_path": trained["base"], "load_in_4bit": False, "compute_dtype": "float32"},
-                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "optim": {"fused": False}},
-        "data": {"class_path": "medadapt.data.reasoning.ReasoningSFTDataModule",
-                 "init_args": {"data_files": short_sft_file, "max_length": 256, "val_fraction": 0}},
-        "trainer": {"accelerator": "cpu", "max_steps": 2, "logger": False, "enable_progress_bar": False}}))
+    stage_cfg.write_text(json.dumps(sft_stage(trained["base"], short_sft_file, 2)))
     stages = [Stage("s", str(stage_cfg))]
     run(stages, str(tmp_path / "w"))
     stage = tmp_path / "w" / "s"

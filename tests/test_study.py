@@ -68,9 +68,9 @@ def write_configs(tmp_path, model: str, sft_file: str) -> None:
         (tmp_path / name).write_text(yaml.safe_dump(cfg))
 
 
-def run_study(tmp_path) -> str:
+def run_study(tmp_path, *extra) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "medadapt", "study", "--config", "study.yaml"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "medadapt", "study", "--config", "study.yaml", *extra], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
@@ -83,7 +83,7 @@ def snapshot(root) -> dict:
 @pytest.mark.slow
 def test_study_end_to_end_then_reuses_everything(tiny_qwen, short_sft_file, tmp_path):
     write_configs(tmp_path, tiny_qwen, short_sft_file)
-    out = run_study(tmp_path)
+    out = run_study(tmp_path, "--push_to", "me/demo", "--push_dry_run", "pushed")
     work = tmp_path / "study"
     comparison = (work / "comparison.md").read_text()
     likelihood, generative = comparison.split("## Generative")
@@ -128,6 +128,22 @@ def test_study_end_to_end_then_reuses_everything(tiny_qwen, short_sft_file, tmp_
         cpt_only = load_model(nf4, adapter=cpt_adapter, training=False)(input_ids=x).logits
         plain = load_model(nf4, training=False)(input_ids=x).logits
     assert (cpt_only - plain).abs().max() > 1e-3  # CPT moved the model that stage 2 built on
+
+    # --push_to: every trained arm with its card (both modes' results, the comparison) and, for stacks, its base
+    from huggingface_hub import ModelCard
+
+    pushed = tmp_path / "pushed"
+    assert sorted(p.name for p in pushed.iterdir()) == ["cpt_sft", "sft", "sft_rl"]
+    assert sorted(p.name for p in (pushed / "cpt_sft" / "base_adapters").iterdir()) == ["0-cpt"]
+    assert sorted(p.name for p in (pushed / "sft_rl" / "base_adapters").iterdir()) == ["0-sft"]
+    for arm in ("sft", "cpt_sft", "sft_rl"):
+        card = ModelCard.load(pushed / arm / "README.md")
+        assert card.data.model_name == f"demo-{arm.replace('_', '-')}" and "## In the study" in card.text
+        for mode in ("", "-generate"):
+            tasks = json.loads((work / "results" / f"{arm}{mode}" / "results.json").read_text())["tasks"]
+            got = {r.dataset_name: r.metric_value for r in card.data.eval_results
+                   if r.metric_name.startswith(f"acc ({arm}{mode}:")}
+            assert got == {task: m["acc"] for task, m in tasks.items()}
 
     before = snapshot(tmp_path)
     again = run_study(tmp_path)

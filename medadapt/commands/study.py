@@ -64,6 +64,14 @@ def build_parser():
                    help="offline data the demo configs read; when absent, every step reads the hub instead")
     p.add_argument("--on_change", type=Literal["error", "retrain"], default="error",
                    help="a trained stage whose config, arguments, base or data changed: error, or retrain it")
+    p.add_argument("--push_to", type=Optional[str], default=None,
+                   help="OWNER/PREFIX: push every trained arm to OWNER/PREFIX-<arm> with its card, results and the "
+                        "comparison (python -m medadapt push); the token is checked before anything trains")
+    p.add_argument("--push_private", type=bool, default=False, help="create the pushed repositories private")
+    p.add_argument("--push_overwrite", type=bool, default=False,
+                   help="replace what the pushed repositories already hold (a rerun of the study)")
+    p.add_argument("--push_dry_run", type=Optional[str], default=None,
+                   help="write each arm's upload folder into a subfolder of this one instead of uploading")
     return p
 
 
@@ -157,12 +165,31 @@ def run_study(a) -> Path:
     unknown = set(a.methods) - set(METHODS)
     if unknown or a.baseline not in a.methods:
         raise ValueError(f"methods must be among {METHODS} and include the baseline {a.baseline!r}")
+    if a.push_to and a.push_to.count("/") != 1:
+        raise ValueError(f"--push_to {a.push_to!r} is not OWNER/PREFIX")
+    if a.push_to and a.push_dry_run is None:
+        from huggingface_hub import get_token
+
+        if not get_token():  # said now, not after hours of training
+            raise ValueError("--push_to needs a Hugging Face token: set HF_TOKEN or run `huggingface-cli login`")
     work = Path(a.work_dir)
     lock = lock_work_dir(work)
     try:
         return study_steps(a, work)
     finally:
         lock.release()
+
+
+def push_arms(a, work: Path, adapters: dict[str, str]) -> None:
+    """Every arm the study trained (among --methods), to its own repository."""
+    from medadapt.commands.push import push, study_pushes
+
+    trained = {arm: adapter for arm, adapter in adapters.items() if arm in a.methods}
+    for spec in study_pushes(work, trained, a.modes, a.push_to):
+        dry = str(Path(a.push_dry_run) / spec["arm"]) if a.push_dry_run is not None else None
+        step(f"push {spec['repo']}", lambda: push(spec["adapter"], spec["repo"], spec["results"], private=a.push_private,
+                                                   overwrite=a.push_overwrite, comparison=spec["comparison"],
+                                                   dry_run=dry))
 
 
 def study_steps(a, work: Path) -> Path:
@@ -215,14 +242,16 @@ def study_steps(a, work: Path) -> Path:
             runs[mode].append(f"{method}={results}")
     if len(a.modes) == 1:
         compare([*runs[a.modes[0]], "--baseline", a.baseline, "--out", str(work / "comparison")])
-        return work / "comparison.md"
-    sections = []
-    for mode in a.modes:  # each protocol its own table and paired tests: never a method measured against a protocol
-        out = work / f"comparison-{mode}"
-        compare([*runs[mode], "--baseline", a.baseline, "--out", str(out)])
-        sections.append(f"## {MODE_TITLES[mode]}\n\n{out.with_name(out.name + '.md').read_text()}\n"
-                        f"Chart: {out.name}.png\n")
-    write_atomic(work / "comparison.md", "\n".join(sections))
+    else:
+        sections = []
+        for mode in a.modes:  # each protocol its own table and paired tests: never a method measured against a protocol
+            out = work / f"comparison-{mode}"
+            compare([*runs[mode], "--baseline", a.baseline, "--out", str(out)])
+            sections.append(f"## {MODE_TITLES[mode]}\n\n{out.with_name(out.name + '.md').read_text()}\n"
+                            f"Chart: {out.name}.png\n")
+        write_atomic(work / "comparison.md", "\n".join(sections))
+    if a.push_to:
+        push_arms(a, work, adapters)
     return work / "comparison.md"
 
 

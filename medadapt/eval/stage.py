@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 import torch
 
+from medadapt.fingerprint import adapter_digest
 from medadapt.model import save_adapter, write_adapter_metadata
 
 
@@ -56,6 +57,8 @@ class TestStage:
             self.harness.generate_deferred(self._serve_with_vllm)
         meta = {"model": asdict(self.resolved_model_cfg), "lora": asdict(self.lora_used) if self.lora_used else None,
                 "adapter": self.init_adapter_path, "ckpt_path": self.trainer.ckpt_path,
+                # by content, so a results folder names the weights it scored wherever the adapter moved (push checks it)
+                "adapter_digest": adapter_digest(self.init_adapter_path) if self.init_adapter_path else None,
                 "seconds": round(time.perf_counter() - self._test_started, 3),  # the test epoch, start-up excluded
                 "vllm_python": getattr(self, "vllm_interpreter", None)}  # the interpreter that ran, if vLLM did
         summary = self.harness.finish(self.trainer.strategy, meta, self.hparams.results_dir)

@@ -125,6 +125,9 @@ class GRPOModule(AdapterModule):
                  "updates_per_batch", "truncation", "answer_budget", "importance_sampling", "importance_sampling_cap",
                  "format_reward", "std_eps")
 
+    def recipe(self) -> dict:
+        return {**super().recipe(), "rl": asdict(self.rl_cfg)}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["medadapt"]["objective"] = {k: getattr(self.rl_cfg, k) for k in self.OBJECTIVE}
