@@ -51,8 +51,9 @@ def cpu_flex_problem() -> Optional[str]:
     """Why flex_attention must not run on this machine's CPU, or None. torch's compiled CPU flex kernel (inductor's
     template) returns wrong values, nondeterministically and sometimes NaN, when generated for AVX2: reproduced with
     torch 2.13 on a 72-token packed batch (2 of 3 fresh compiles off by up to 1.5, at 1 and at 2 threads), while the
-    AVX-512 build of the same kernel matched SDPA in every run (issue 27). Where inductor would generate anything but
-    AVX-512, flex_attention on CPU is refused."""
+    AVX-512 build of the same kernel matched SDPA in every run at the widths medadapt runs (rows padded to multiples
+    of ``FLEX_BUCKET``; unpadded 11–56-token rows came out wrong at one thread). Where inductor would generate
+    anything but AVX-512, flex_attention on CPU is refused."""
     if torch.cuda.is_available():
         return None
     try:

@@ -173,3 +173,27 @@ def test_varlen_batches_go_as_one_row_without_padding_and_train_the_same(tiny_qw
     assert results[0][1] == results[1][1]
     assert_close_to_scale(results[1][0], results[0][0], rtol=1e-5)
     assert_gradients_close(results[1][2], results[0][2], rtol=1e-5)
+
+
+def test_the_cuda_varlen_path_compiles_into_one_graph():
+    """``model.compile`` on CUDA: the varlen kernel call (casts, boundaries, GQA) traces as one graph around torch's
+    varlen op, no graph break, no host sync. Traced here on fake CUDA tensors, so no GPU is needed to see it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from medadapt.attention import _cuda_varlen, torch_varlen
+
+    if torch_varlen() is None:
+        pytest.skip("torch without torch.nn.attention.varlen")
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    step = torch.compile(lambda q, k, v, cu: _cuda_varlen(q, k, v, cu, 7, None, 2), backend=backend, fullgraph=True)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q = torch.empty(12, 4, 16, device="cuda", dtype=torch.float32)  # fp32 in, as a k-bit residual stream arrives
+        k, v = (torch.empty(12, 2, 16, device="cuda", dtype=torch.float32) for _ in range(2))
+        out = step(q, k, v, torch.empty(3, dtype=torch.int32, device="cuda"))
+    assert out.shape == (12, 4, 16) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
+    assert len(graphs) == 1 and sum("varlen" in str(t) for t in graphs[0]) == 1, graphs

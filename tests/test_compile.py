@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from medadapt.data.packing import collate
 from medadapt.model import LoraConfig, ModelConfig, is_compiled
@@ -12,20 +13,26 @@ from medadapt.model import LoraConfig, ModelConfig, is_compiled
 from .conftest import assert_close_to_scale, assert_gradients_close, built_module, random_examples
 
 
-def module(path, compile_):
-    return built_module(ModelConfig(name_or_path=path, load_in_4bit=False, compute_dtype="float32",
+def module(path, compile_, nf4=False):
+    return built_module(ModelConfig(name_or_path=path, load_in_4bit=nf4, compute_dtype="float32",
                                     gradient_checkpointing=True, compile=compile_), LoraConfig(r=8, alpha=16, dropout=0.0))
 
 
 @pytest.mark.slow
-def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_qwen):
+@pytest.mark.parametrize("nf4", [False, True], ids=["fp32", "nf4"])
+def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_qwen, nf4):
+    """fp32 weights, and the 4-bit base (bitsandbytes' nf4 matmul traced through, as on CUDA) under compiled layers."""
     batch = collate([random_examples(3, seed=8), random_examples(2, seed=9)], pad_id=0)
     results = []
     for compile_ in (False, True):
-        m = module(tiny_qwen, compile_)
+        torch._dynamo.reset()
+        counters.clear()
+        m = module(tiny_qwen, compile_, nf4)
         assert is_compiled(m.model) == compile_
         loss, _ = m.loss_sum(batch)
         loss.backward()
+        if compile_:  # regional: one graph for every layer, nothing falls back to eager inside it
+            assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, dict(counters)
         results.append((loss.detach(), {n: p.grad.clone() for n, p in m.model.named_parameters() if p.grad is not None}))
     assert_close_to_scale(results[1][0], results[0][0], rtol=1e-5)
     assert_gradients_close(results[1][1], results[0][1], rtol=1e-5)

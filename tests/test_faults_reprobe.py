@@ -310,9 +310,10 @@ def test_a_planted_link_for_earlier_results_or_the_config_is_never_written_throu
     (out / "config.yaml").unlink(missing_ok=True)
     (out / "config.yaml").symlink_to(victim)
     (out / "previous").symlink_to(victim_dir)
-    with pytest.raises(UnsafePathError, match="symbolic link"):
+    with pytest.raises(UnsafePathError, match="symbolic link") as refused:  # its traceback keeps the module alive
         evaluate(trained, out)
     assert (victim_dir / "results.json").read_text() == "precious"
+    assert refused.traceback  # held to here: a refused run must not keep the results folder locked
     (out / "previous").unlink()
     evaluate(trained, out)  # config.yaml: the link is replaced by the run's file, the victim untouched
     assert victim.read_text() == "precious" and not (out / "config.yaml").is_symlink()

@@ -27,14 +27,18 @@ class TestStage:
         """Hold the results folder for this run (rank 0 decides, every rank learns it before any work)."""
         from medadapt.eval.report import lock_results, set_aside_previous
 
-        self._results_lock, error = None, None
+        self.on_test_end()  # a lock an earlier, failed test of this module still holds
+        failure = None
         if self.trainer.is_global_zero:
             try:
                 self._results_lock = lock_results(self.hparams.results_dir)
                 set_aside_previous(self.hparams.results_dir)
-            except RuntimeError as e:
-                error = str(e)
-        error = self.trainer.strategy.broadcast(error)
+            except Exception as e:  # busy, or a refused path: the lock is not kept past a refusal
+                self.on_test_end()
+                failure = e
+        error = self.trainer.strategy.broadcast(str(failure) if failure else None)  # every rank stops, none waits
+        if failure is not None:
+            raise failure
         if error:
             raise RuntimeError(error)
 

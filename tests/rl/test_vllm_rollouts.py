@@ -28,42 +28,43 @@ def o1_source(tmp_path, monkeypatch, n: int, cut: int) -> dict:
     return {"name": "q", "data_files": str(path), "answer_format": "letter", "on_bad_row": "skip"}
 
 
-def test_the_engine_serves_the_current_lora_and_scores_what_the_trainer_scores(tmp_path, monkeypatch):
+def test_a_grpo_step_runs_on_vllm_rollouts_and_the_engine_follows_the_policy(tmp_path, monkeypatch):
+    """One engine for the whole check (each start costs ~30 s on CPU): a GRPO step on its rollouts (SmolLM2: vLLM's
+    CPU attention needs head_dim ≥ 32) logs importance weights near 1; then the policy changes twice and the engine's
+    greedy completions are HF's token for token, with only the latest adapter folder kept; sampled at T = 0.6 its
+    log-probabilities are the trainer's scores of the same tokens."""
     from medadapt.eval.generative import collate_generate
-    from medadapt.rl.data import VerifiableQADataModule
     from medadapt.rl.rollout import Sampling
-    from medadapt.rl.sampler import PolicySampler
     from medadapt.rl.scoring import collate_scoring, completion_logprobs
 
-    source = o1_source(tmp_path, monkeypatch, 6, 120)
-    torch.manual_seed(0)
-    module = rl_module(SMOL, max_new_tokens=8, group_size=2, backend="vllm", enforce_eager=True)
-    module.build_model(training=True)
-    module.max_prompt_tokens = 512
-    data = VerifiableQADataModule(sources=[source], decontaminate=False, heldout=0, open_think=False)
-    data.connect(module.tokenizer)
-    data.setup("fit")
-    batch = collate_generate(data.train_rows[:3], pad_id=module.tokenizer.pad_token_id)
-    gen_rows = batch["gen_rows"]
-    sampler = PolicySampler(module)
+    from .test_module import parity, questions, run
+
+    source = o1_source(tmp_path, monkeypatch, 8, 80)
+    module, record = run(SMOL, tmp_path / "run", 1, source, monkeypatch, parity, backend="vllm", enforce_eager=True,
+                         max_new_tokens=6, data=questions(source, heldout=0))
+    sampler = module.sampler
     try:
+        stats = record.stats[0]
+        assert stats["rl/loss_tokens"] > 0 and 0.9 < stats["rl/importance_weight"] < 1.1
+
+        batch = collate_generate(module.trainer.datamodule.train_rows[:3], pad_id=module.tokenizer.pad_token_id)
+        gen_rows = batch["gen_rows"]
         for update in range(2):  # the policy changes; the engine must follow it
             for name, p in module.model.named_parameters():
                 if "lora_B" in name and ".default." in name:
                     p.data.normal_(0, 0.05 * (update + 1))
-            greedy = sampler.sample(gen_rows, 1, Sampling(0.0, 1.0, 0, 8), seed=0)
+            greedy = sampler.sample(gen_rows, 1, Sampling(0.0, 1.0, 0, 6), seed=0)
             module.model.eval()
             with torch.no_grad():
                 hf = module.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                           max_new_tokens=8, do_sample=False,
+                                           max_new_tokens=6, do_sample=False,
                                            pad_token_id=module.tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
-            module.model.train()
             eos = module.tokenizer.eos_token_id
             for got, want in zip(greedy, hf.tolist()):
                 want = want[: want.index(eos) + 1] if eos in want else want
                 assert [t for t in got.ids if t != eos] == [t for t in want if t != eos]
             assert [p.name for p in sampler.server.dir.glob("policy*")] == [sampler.sent.name]  # the latest only
-        sampled = sampler.sample(gen_rows, 2, Sampling(0.6, 1.0, 0, 8), seed=1)
+        sampled = sampler.sample(gen_rows, 2, Sampling(0.6, 1.0, 0, 6), seed=1)
         scoring = collate_scoring([c.prompt for c in sampled], [c.ids for c in sampled], [c.sampled for c in sampled],
                                   module.tokenizer.pad_token_id, [c.sampler_logp for c in sampled])
         with torch.no_grad():
@@ -74,16 +75,3 @@ def test_the_engine_serves_the_current_lora_and_scores_what_the_trainer_scores(t
         assert diff.abs().max() < 1e-3  # fp32 on both sides: importance weights ≈ 1
     finally:
         sampler.close()
-
-
-def test_a_grpo_step_runs_on_vllm_rollouts_with_importance_weights(tmp_path, monkeypatch):
-    """The whole step on vLLM rollouts (SmolLM2: vLLM's CPU attention needs head_dim ≥ 32): the importance weights are
-    logged and near 1."""
-    from .test_module import parity, questions, run
-
-    source = o1_source(tmp_path, monkeypatch, 8, 80)
-    module, record = run(SMOL, tmp_path / "run", 1, source, monkeypatch, parity, backend="vllm", enforce_eager=True,
-                         max_new_tokens=6, data=questions(source, heldout=0))
-    stats = record.stats[0]
-    assert stats["rl/loss_tokens"] > 0 and 0.9 < stats["rl/importance_weight"] < 1.1
-    module.sampler.close()
