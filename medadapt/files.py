@@ -50,19 +50,24 @@ def output_folder(path: Union[str, Path], what: str = "output folder") -> Path:
     home folder or the root (a cleared or overwritten output there destroys the user's files), or when the folder
     itself is a symbolic link (one planted where medadapt writes would redirect what it writes: no link is
     followed)."""
+    folder = Path(path).expanduser() if path is not None and str(path).strip() else path
+    check_output_path(folder, what)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def check_output_path(path: Union[str, Path, None], what: str) -> None:
+    """``output_folder``'s refusals without creating anything (an export checks first and writes elsewhere)."""
     if path is None or not str(path).strip():
         raise UnsafePathError(f"{what} is empty: give a folder of its own")
-    folder = Path(path).expanduser()
-    absolute = Path(os.path.abspath(folder))
+    absolute = Path(os.path.abspath(path))
     for name, place in (("the working directory", Path.cwd()), ("the home folder", Path.home()),
                         ("the root", Path(absolute.anchor))):
         if absolute == place:
             raise UnsafePathError(f"{what} {str(path)!r} is {name}: give a folder of its own")
-    if folder.is_symlink():
-        raise UnsafePathError(f"{what} {folder} is a symbolic link; medadapt writes through no link (remove it, or "
+    if Path(path).is_symlink():
+        raise UnsafePathError(f"{what} {path} is a symbolic link; medadapt writes through no link (remove it, or "
                               "give the real folder)")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def write_atomic(path: Union[str, Path], data: Union[str, bytes, Callable[[Path], None]]) -> Path:

@@ -58,18 +58,10 @@ def check_out_dir(out: Path, base: ModelConfig, adapters: list[str], overwrite: 
     the root (``--out "$UNSET" --overwrite true`` would clear them), nor a link. Any other non-empty folder needs
     ``overwrite``; it is replaced only once the new export is whole (``export``), so a failing export leaves it as
     it was."""
-    from medadapt.files import UnsafePathError
+    from medadapt.files import check_output_path
     from medadapt.model import PACKAGED_MODELS, resolve_model_path
 
-    if not str(out).strip():
-        raise UnsafePathError("--out is empty: give the folder to write the merged model to")
-    absolute = Path(os.path.abspath(out))
-    for name, place in (("the working directory", Path.cwd()), ("the home folder", Path.home()),
-                        ("the root", Path(absolute.anchor))):
-        if absolute == place:
-            raise UnsafePathError(f"--out {str(out)!r} is {name}: give the merged model a folder of its own")
-    if out.is_symlink():
-        raise UnsafePathError(f"--out {out} is a symbolic link; medadapt writes through no link")
+    check_output_path(out, "--out")
     target = out.resolve()
     reading = [Path(p).resolve() for p in adapters]
     if base.name_or_path.lower() in PACKAGED_MODELS or Path(base.name_or_path).expanduser().exists():

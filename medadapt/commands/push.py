@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Optional
 
 from medadapt.files import read_json, write_json
+from medadapt.model import ADAPTER_METADATA
 
 log = logging.getLogger(__name__)
 
+#: what is uploaded of an adapter folder besides its record (safetensors only: no pickled ``.bin``)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-ADAPTER_METADATA = "medadapt_adapter.json"
 
 
 class PushError(RuntimeError):

@@ -27,14 +27,14 @@ class TestStage:
         """Hold the results folder for this run (rank 0 decides, every rank learns it before any work)."""
         from medadapt.eval.report import lock_results, set_aside_previous
 
-        self.on_test_end()  # a lock an earlier, failed test of this module still holds
+        self._release_results_lock()  # one an earlier, failed test of this module still holds
         failure = None
         if self.trainer.is_global_zero:
             try:
                 self._results_lock = lock_results(self.hparams.results_dir)
                 set_aside_previous(self.hparams.results_dir)
             except Exception as e:  # busy, or a refused path: the lock is not kept past a refusal
-                self.on_test_end()
+                self._release_results_lock()
                 failure = e
         error = self.trainer.strategy.broadcast(str(failure) if failure else None)  # every rank stops, none waits
         if failure is not None:
@@ -43,9 +43,12 @@ class TestStage:
             raise RuntimeError(error)
 
     def on_test_end(self) -> None:
+        self._release_results_lock()
+
+    def _release_results_lock(self) -> None:
         if getattr(self, "_results_lock", None) is not None:
             self._results_lock.release()
-            self._results_lock = None
+        self._results_lock = None
 
     def on_test_epoch_start(self) -> None:
         from medadapt.eval.harness import BenchmarkHarness
