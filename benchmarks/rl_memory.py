@@ -38,26 +38,35 @@ R1_LAYERS = 28
 
 
 class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages created inside the mode and still alive (each counted once, views too)."""
+    """Peak bytes of the tensor storages created inside the mode and still alive (each counted once, views of them
+    too; views of and in-place updates to tensors made before the mode, such as weights, not at all)."""
 
     def __init__(self):
         super().__init__()
         from torch.multiprocessing.reductions import StorageWeakRef
 
-        self.ref, self.live, self.current, self.peak = StorageWeakRef, {}, 0, 0
+        self.ref, self.live, self.current, self.peak, self.peak_op = StorageWeakRef, {}, 0, 0, ""  # op that made the peak
+
+    def settle(self) -> int:
+        """Forget the storages freed since the last op; the bytes still alive."""
+        for k in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(k)[1]
+        return self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        dead = [k for k, (ref, _) in self.live.items() if ref.expired()]
-        for k in dead:
-            self.current -= self.live.pop(k)[1]
+        self.settle()
+        # an output on an input's storage (a view, an in-place op) is not new: a weight's transpose, AdamW's
+        # in-place update of a parameter, made before the mode began, must not count as created here
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
-                if storage._cdata not in self.live:
+                if storage._cdata not in self.live and storage._cdata not in inputs:
                     self.live[storage._cdata] = (self.ref(storage), storage.nbytes())
                     self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
+        if self.current > self.peak:
+            self.peak, self.peak_op = self.current, func.__name__
         return out
 
 

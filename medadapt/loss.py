@@ -57,9 +57,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(-1, t[:, None]).squeeze(-1)).sum()
             if need_h or need_w or need_b:
-                d = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                d = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory: one fp32 chunk, not two
+                del logits  # so the float32 chunk is freed when d turns into its cast below, before the next chunk
                 d[torch.arange(t.shape[0], device=t.device), t] -= 1
-                d = (d * FP16_PRESCALE).to(dtype) if dtype == torch.float16 else d.to(dtype)
+                d = d.mul_(FP16_PRESCALE).to(dtype) if dtype == torch.float16 else d.to(dtype)
                 if need_h:
                     grad_h[start : start + chunk] = ((d @ w) / (FP16_PRESCALE if dtype == torch.float16 else 1)).to(
                         hidden.dtype)
@@ -68,6 +69,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(d.t().float(), h.float(), alpha=unscale)
                 if need_b:
                     grad_b += d.float().sum(0) * unscale
+                del d  # not alive while the next chunk's logits are made
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)

@@ -1,0 +1,84 @@
+"""The byte counts behind benchmarks/step_memory.py and rl_memory.py: what they count as held is what a step holds."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from .conftest import REPO, tiny_module
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from rl_memory import LiveBytes  # noqa: E402
+from step_memory import measure, packed_batch, weight_bytes  # noqa: E402
+
+
+def test_live_bytes_counts_what_is_created_and_alive_and_nothing_made_before():
+    weight = torch.nn.Parameter(torch.randn(64, 32))  # made before the mode: a weight
+    with LiveBytes() as live:
+        view = weight.t()  # a view of the weight: nothing new
+        with torch.no_grad():
+            weight.mul_(0.5)  # an in-place update of it (an optimizer step): nothing new
+        kept = torch.empty(1000)  # 4,000 bytes that stay
+        temp = torch.empty(5000)  # 20,000 bytes, then freed
+        also = kept[:10] + 0  # 40 bytes; a view of `kept` below adds nothing
+        part = kept[100:200]
+        del temp
+        assert live.settle() == 4000 + 40
+    assert live.peak == 4000 + 20000 + 40
+    assert view.shape == (32, 64) and also.numel() == 10 and part.numel() == 100
+
+
+def test_weight_bytes_count_the_4bit_state_as_stored(tiny_qwen):
+    """nf4 with double quantization: half a byte per weight, a uint8 absmax per 64 weights, an fp32 absmax per 256
+    of those, and each layer's code tables; the rest of the model (embeddings, head, norms, LoRA) as stored."""
+    import bitsandbytes as bnb
+
+    module = tiny_module(tiny_qwen, load_in_4bit=True)
+    module.build_model(training=True)
+    total, trainable = weight_bytes(module.model)
+    linear4 = [m for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linear4
+    quantized = {id(m.weight) for m in linear4}
+    rest = sum(p.numel() * p.element_size() for p in module.model.parameters() if id(p) not in quantized)
+    rest += sum(b.numel() * b.element_size() for b in module.model.buffers())
+    nf4 = 0
+    for m in linear4:
+        n = m.out_features * m.in_features
+        nf4 += n // 2 + math.ceil(n / 64) + 4 * math.ceil(n / 64 / 256)
+    tables = len(linear4) * (16 * 4 + 256 * 4 + 4)  # each layer's own fp32 nf4 code, nested 8-bit code and offset
+    assert total == rest + nf4 + tables
+    assert trainable == sum(p.numel() * 4 for p in module.model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_a_step_holds_gradients_and_two_adamw_moments_per_trainable_parameter(tiny_qwen, checkpointing):
+    module = tiny_module(tiny_qwen, load_in_4bit=True)
+    module.model_cfg.gradient_checkpointing = checkpointing
+    module.build_model(training=True)
+    n = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    r = measure(module, packed_batch(2, 256, module.model.config.vocab_size))
+    assert 8 * n <= r["moments"] <= 8 * n + 64  # exp_avg and exp_avg_sq in float32
+    assert r["peak"] >= 4 * n + 2 * 256 * 64 * 2  # the fp32 gradients, and more than the two rows' hidden states
+    assert math.isfinite(r["loss"])
+
+
+def test_the_loss_holds_one_float32_chunk_of_logits_at_a_time():
+    """The LM head's chunk is the largest transient of a step (1,024 x 151,936 float32 logits = 0.6 GB): the softmax
+    and its gradient are computed in the logits' own memory, so a chunk holds its float32 logits and their bf16 cast,
+    never two float32 copies, and nothing of one chunk is alive in the next (benchmarks/step_memory.py: 0.87 GiB less
+    at the real vocabulary)."""
+    from medadapt.loss import chunked_cross_entropy
+
+    rows, dim, vocab, chunk = 768, 64, 4096, 256
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, rows, dim, generator=g).to(torch.bfloat16).requires_grad_()
+    head = torch.nn.Linear(dim, vocab, bias=False).to(torch.bfloat16).requires_grad_(False)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    with LiveBytes() as live:
+        chunked_cross_entropy(hidden, head, torch.arange(rows), targets, chunk=chunk).backward()
+    per_chunk = chunk * vocab * (4 + 2)  # float32 logits (softmax in place) + their bf16 cast for the gradient
+    around = 4 * rows * dim * 2 + 2**16  # the picked rows, their gradient, small vectors
+    assert per_chunk <= live.peak <= per_chunk + around
