@@ -120,7 +120,7 @@ def measure(module, batch: dict) -> dict:
         loss.backward()
         grads = live.settle()
         optimizer.step()
-        moments = live.settle() - grads  # AdamW's exp_avg and exp_avg_sq (and its step counters)
+        moments = live.settle() - grads  # AdamW's exp_avg and exp_avg_sq
     module._step_stats = None
     module.model.zero_grad(set_to_none=True)
     return {"peak": live.peak, "peak_op": live.peak_op, "moments": moments, "loss": float(loss.detach())}
@@ -131,9 +131,8 @@ def saved_per_token(module, batch: dict) -> float:
     row's first 256 tokens, checkpointing off (``checkpointing.activation_bytes_per_token``, as the module calls it)."""
     from medadapt.checkpointing import activation_bytes_per_token
 
-    probe = {k: v for k, v in batch.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        return activation_bytes_per_token(module.model, probe, module)
+        return activation_bytes_per_token(module.model, batch, module)
 
 
 def extrapolate(one: float, two: float) -> float:
