@@ -159,6 +159,18 @@ def make_clock(warmup: int):
     return StepClock()
 
 
+def arm_args(ctx: dict, work: Path, overrides: list[str]) -> list[str]:
+    """The ``fit`` arguments of a medadapt arm: configs/sft.yaml, this run's model and rows, ``overrides`` last."""
+    return ["--config", str(REPO / "configs" / "sft.yaml"), "--model.model.name_or_path", ctx["model_dir"],
+            "--model.adapter_dir", str(work / "adapter"), "--data.init_args.data_files", ctx["sft"],
+            "--data.init_args.max_rows", "null", "--data.init_args.val_fraction", "0",
+            "--data.init_args.num_workers", "0", "--data.init_args.max_length", str(ctx["seq"]),
+            "--trainer.max_steps", str(ctx["warmup"] + ctx["steps"]), "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", str(work), *ctx["extra"], *overrides]
+
+
 def medadapt_arm(ctx: dict, overrides: list[str], attention: str | None) -> dict:
     """configs/sft.yaml through medadapt's CLI parser, ``overrides`` on top, fit for warm-up + timed steps."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -166,14 +178,7 @@ def medadapt_arm(ctx: dict, overrides: list[str], attention: str | None) -> dict
     from medadapt.cli import build_cli
 
     work = Path(tempfile.mkdtemp(dir=ctx["tmp"]))
-    args = ["--config", str(REPO / "configs" / "sft.yaml"), "--model.model.name_or_path", ctx["model_dir"],
-            "--model.adapter_dir", str(work / "adapter"), "--data.init_args.data_files", ctx["sft"],
-            "--data.init_args.max_rows", "null", "--data.init_args.val_fraction", "0",
-            "--data.init_args.num_workers", "0", "--data.init_args.max_length", str(ctx["seq"]),
-            "--trainer.max_steps", str(ctx["warmup"] + ctx["steps"]), "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(work), *ctx["extra"], *overrides]
-    cli = build_cli(args, run=False)
+    cli = build_cli(arm_args(ctx, work, overrides), run=False)
     trainer, module = cli.trainer, cli.model
     clock = make_clock(ctx["warmup"])
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)] + [clock]

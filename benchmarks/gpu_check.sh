@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh --prepare   # where PyPI is reachable: wheels + assets into .gpu/ (git-ignored, ~59 MB)
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, with .gpu carried beside the checkout
-#   bash benchmarks/gpu_check.sh --tiny      # the same steps on CPU with a 2-layer model, 7 arms (tests/test_gpu_check.py)
+#   bash benchmarks/gpu_check.sh --tiny      # the same steps on CPU with a 2-layer model, 5 arms (tests/test_gpu_check.py)
 #
 # The GPU image this was written for has torch (with Triton), transformers, peft, lightning, tensorboard,
 # torchmetrics, pyarrow and huggingface-hub, no hub access, and none of: bitsandbytes, torchdata, datasets,

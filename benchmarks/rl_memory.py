@@ -1,6 +1,6 @@
 """Peak memory of scoring a GRPO step, per completion token, at the real vocabulary: the issue-22 path (full-vocabulary
-log-softmax of every completion token of the step at once) against medadapt's (micro-batches of completions, LM head
-chunked under checkpointing: ``rl/scoring.py``), in one run, on CPU.
+log-softmax of every completion token of the step at once) against medadapt's (micro-batches of completions, the LM
+head in chunks with each log-probability's gradient computed in the forward: ``rl/scoring.py``), in one run, on CPU.
 
     python benchmarks/rl_memory.py                    # R1-Distill-1.5B shapes, 1 and 2 decoder layers, 4-bit + bf16
     python benchmarks/rl_memory.py --layers 1 --json out.json
@@ -139,10 +139,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="decoder layers of the reduced models")
     ap.add_argument("--completions", type=int, nargs=2, default=[2, 3],
                     help="two step sizes (completions; both ≥ 2, so both hold the LoRA gradients while scoring)")
-    ap.add_argument("--tokens", type=int, nargs=2, default=[64, 128], help="two completion lengths (the slope)")
-    ap.add_argument("--chunk", type=int, nargs=2, default=[32, 64],
-                    help="LM-head chunks (positions) to measure with: the step sizes here must exceed the chunk, as "
-                         "16 x 4,000 tokens exceed the shipped 1,024; the chunk's own transient is measured per row")
+    ap.add_argument("--tokens", type=int, nargs=2, default=[128, 256], help="two completion lengths (the slope)")
+    ap.add_argument("--slope_chunk", type=int, default=16,
+                    help="LM-head chunk while measuring the slopes: small, so that what a token costs the decoder, "
+                         "not one head chunk, sets the peak, as at the real size (16 x 4,000 tokens against 1,024 rows)")
+    ap.add_argument("--chunk", type=int, nargs=2, default=[64, 128],
+                    help="two LM-head chunks (positions) on a short micro-batch (the first --tokens), where the chunk "
+                         "sets the peak: its transient per row")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
     import medadapt.rl.scoring as scoring
@@ -155,7 +158,7 @@ def main(argv=None) -> dict:
         model = load_model(ModelConfig(name_or_path=build_model(layers, work), load_in_4bit=True, compute_dtype="bfloat16",
                                        gradient_checkpointing=True, base_adapters=[], attn_implementation="sdpa"),
                            LoraConfig(r=16, alpha=32, dropout=0.0), training=True)
-        scoring.CHUNK = args.chunk[0]
+        scoring.CHUNK = args.slope_chunk
         for arm in ("issue-22", "medadapt"):  # medadapt: micro-batches of one completion
             peaks = {(c, t): measure(model, arm, c, t, 1) for c in (c1, c2) for t in (t1, t2)}
             step = (peaks[c2, t2] - peaks[c1, t2]) / ((c2 - c1) * t2)  # per completion token added to the step
@@ -168,7 +171,7 @@ def main(argv=None) -> dict:
         chunk_peaks = []
         for chunk in args.chunk:
             scoring.CHUNK = chunk
-            chunk_peaks.append(measure(model, "medadapt", c1, t2, 1))
+            chunk_peaks.append(measure(model, "medadapt", c1, t1, 1))
         report["chunk_row"][f"{layers}L"] = (chunk_peaks[1] - chunk_peaks[0]) / (args.chunk[1] - args.chunk[0])
         del model
     scoring.CHUNK = CHUNK

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medadapt.cli import MedAdaptCLI
 
+from .cli_parse import ParseOnly
 from .conftest import DATA, REPO, assert_close_to_scale
 
 SHARED_BENCH = DATA / "benchmarks"
@@ -23,14 +23,6 @@ RAG_CONFIGS = [c for c in CONFIGS if c.name == "rag.yaml"]  # index/ask configs,
 MULTISTEP_CONFIGS = [c for c in CONFIGS if c.name.startswith("multistep")]  # chains of fit configs
 STUDY_CONFIGS = [c for c in CONFIGS if c.name == "study.yaml"]  # the whole comparison
 TRAINER_CONFIGS = [c for c in CONFIGS if c not in RAG_CONFIGS + MULTISTEP_CONFIGS + STUDY_CONFIGS]
-
-
-class ParseOnly(MedAdaptCLI):
-    def instantiate_classes(self) -> None:  # parse and validate types, load nothing
-        pass
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        pass
 
 
 @pytest.mark.parametrize("config", RAG_CONFIGS, ids=[str(c.relative_to(REPO)) for c in RAG_CONFIGS])

@@ -25,7 +25,7 @@ def test_gpu_check_runs_every_step_with_tiny_models(tmp_path):
     speed = json.loads((tmp_path / "out" / "fit_speed.json").read_text())
     arms = speed["arms"]
     assert list(arms)[:2] == ["seed-trainer", "sft.yaml"]  # the main arms first: a budget never cuts them
-    assert {"issue-19", "ckpt-4096", "sdpa", "varlen", "all"} <= set(arms)
+    assert {"ckpt-4096", "sdpa", "all"} <= set(arms)
     assert all(a["tokens_per_s"] > 0 and a["losses"] and "allocated_at_start_gib" in a for a in arms.values())
     # every medadapt arm starts from the same weights on the same rows: the same first loss (fp32 here)
     first = arms["sft.yaml"]["losses"][0]
@@ -33,10 +33,43 @@ def test_gpu_check_runs_every_step_with_tiny_models(tmp_path):
                if n not in ("seed-trainer", "ckpt-4096"))
     assert arms["ckpt-4096"]["checkpointing"] is True
     assert not (tmp_path / "out" / "model").exists()  # the model is built outside $OUT
-    assert arms["varlen"]["attention"] == "medadapt_varlen" and arms["varlen"]["packed_max_rel"] < 1e-5
+    assert arms["all"]["attention"] == "medadapt_varlen" and arms["all"]["packed_max_rel"] < 1e-5  # varlen on CPU
     assert arms["all"]["micro_batch_rows"] == 3 and arms["all"]["checkpointing"] is False
     assert arms["sdpa"]["accumulation"] == 3
     assert report["steps"]["test"]["items"] == 18 and report["steps"]["test"]["loaded_in_4bit"] is True
     assert report["steps"]["test"]["items_per_s"] > 0 and report["steps"]["generate"]["generated_tokens"] > 0
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "## SFT step as `fit` runs it" in md and "| seed-trainer |" in md
+
+
+def test_every_fit_speed_arm_parses_over_the_shipped_config(monkeypatch, tmp_path):
+    """The GPU run's arms the CPU proof does not run (each is configs/sft.yaml with other overrides): every one, with
+    the arms that need CUDA, flash_attn, Liger or Triton, parses against medadapt's CLI as fit_speed builds it."""
+    import importlib.util
+
+    import lightning as L
+
+    from medadapt.training import AdapterModule
+
+    from .cli_parse import ParseOnly
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import fit_speed
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(fit_speed.importlib.util, "find_spec",
+                        lambda name, *a: object() if name in ("liger_kernel", "flash_attn", "triton") else real(name, *a))
+    plan = fit_speed.arm_plan(cuda=True)
+    assert {"issue-19", "varlen", "flash_attention_2", "liger", "fp16", "flex_attention", "no-ckpt"} <= set(plan)
+    ctx = {"model_dir": str(tmp_path / "model"), "sft": str(tmp_path / "sft.json"), "seq": 2048, "warmup": 2,
+           "steps": 5, "extra": []}
+    for name, (overrides, _) in plan.items():
+        cli = ParseOnly(AdapterModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        auto_configure_optimizers=False, args=["fit", *fit_speed.arm_args(ctx, tmp_path, overrides)])
+        fit = cli.config["fit"]
+        for key, value in dict(zip(overrides[::2], overrides[1::2])).items():  # each override took (the last wins)
+            node = fit
+            for part in key.removeprefix("--").split("."):
+                node = node[part] if part in node else node["init_args"][part]  # --model.x: the class's init_args
+            assert str(node).lower() == value.lower() or (str(node)[0].isdigit() and float(node) == float(value)), (
+                name, key, node)

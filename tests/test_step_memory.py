@@ -65,6 +65,18 @@ def test_a_step_holds_gradients_and_two_adamw_moments_per_trainable_parameter(ti
     assert math.isfinite(r["loss"])
 
 
+ROWS, DIM, VOCAB, CHUNK = 768, 64, 4096, 256
+PER_CHUNK = CHUNK * VOCAB * (4 + 2)  # float32 logits (softmax in place) + their bf16 cast for the gradient
+
+
+def head_inputs():
+    """Hidden states (bf16, requiring grad), a frozen bf16 LM head, targets: three chunks of rows."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, ROWS, DIM, generator=g).to(torch.bfloat16).requires_grad_()
+    head = torch.nn.Linear(DIM, VOCAB, bias=False).to(torch.bfloat16).requires_grad_(False)
+    return hidden, head, torch.randint(0, VOCAB, (ROWS,), generator=g)
+
+
 def test_the_loss_holds_one_float32_chunk_of_logits_at_a_time():
     """The LM head's chunk is the largest transient of a step (1,024 x 151,936 float32 logits = 0.6 GB): the softmax
     and its gradient are computed in the logits' own memory, so a chunk holds its float32 logits and their bf16 cast,
@@ -72,13 +84,26 @@ def test_the_loss_holds_one_float32_chunk_of_logits_at_a_time():
     at the real vocabulary)."""
     from medadapt.loss import chunked_cross_entropy
 
-    rows, dim, vocab, chunk = 768, 64, 4096, 256
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, rows, dim, generator=g).to(torch.bfloat16).requires_grad_()
-    head = torch.nn.Linear(dim, vocab, bias=False).to(torch.bfloat16).requires_grad_(False)
-    targets = torch.randint(0, vocab, (rows,), generator=g)
+    hidden, head, targets = head_inputs()
     with LiveBytes() as live:
-        chunked_cross_entropy(hidden, head, torch.arange(rows), targets, chunk=chunk).backward()
-    per_chunk = chunk * vocab * (4 + 2)  # float32 logits (softmax in place) + their bf16 cast for the gradient
-    around = 4 * rows * dim * 2 + 2**16  # the picked rows, their gradient, small vectors
-    assert per_chunk <= live.peak <= per_chunk + around
+        chunked_cross_entropy(hidden, head, torch.arange(ROWS), targets, chunk=CHUNK).backward()
+    around = 4 * ROWS * DIM * 2 + 2**16  # the picked rows, their gradient, small vectors
+    assert PER_CHUNK <= live.peak <= PER_CHUNK + around
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_the_rl_scorer_holds_one_float32_chunk_of_logits_at_a_time(monkeypatch, with_entropy):
+    """GRPO's scorer (``rl/scoring.py``) keeps, per scored position, the gradient of its log-probability with respect
+    to the hidden state, computed in the forward: a chunk holds its float32 logits (softmax in place) and their bf16
+    cast, the entropy for the logs adds a few rows, and the backward recomputes nothing (checkpointed chunks held
+    ~5 float32 copies of a chunk while recomputing it: benchmarks/rl_memory.py)."""
+    import medadapt.rl.scoring as scoring
+
+    monkeypatch.setattr(scoring, "ENTROPY_ROWS", 16)
+    hidden, head, targets = head_inputs()
+    with LiveBytes() as live:
+        logp, _ = scoring.chunked_logprobs(hidden, head, torch.arange(ROWS), targets, 0.6, chunk=CHUNK,
+                                           with_entropy=with_entropy)
+        (logp * torch.linspace(-1, 1, ROWS)).sum().backward()
+    around = 4 * ROWS * DIM * 2 + 16 * VOCAB * 4 + 2**16  # picked rows, their gradients, entropy rows, vectors
+    assert PER_CHUNK <= live.peak <= PER_CHUNK + around

@@ -4,9 +4,11 @@ A GRPO step scores every completion token of its rollout batch three times (poli
 reference). Computing ``log_softmax(head(hidden))`` for all of them at once keeps 4 bytes × 151,936 per completion
 token for backward: 16 completions × 2,000 tokens held 18 GiB. Here the rollout is scored in micro-batches of
 completions (each back-propagated before the next is built, ``rl/module.py``), and within a micro-batch the LM
-head runs on chunks of the scored positions under activation checkpointing, as the SFT loss does (``loss.py``):
-a chunk's logits live only while it is computed, forward and backward. Peak memory then grows with the
-micro-batch's tokens × hidden size, not with the step's tokens × vocabulary (``benchmarks/rl_memory.py``).
+head runs on chunks of the scored positions as the SFT loss does (``loss.py``): the gradient of each log-probability
+with respect to its hidden state, ``(onehot − softmax) W / T``, is computed in the forward chunk and kept (hidden
+size per position), so a chunk's logits live only while it is computed, hold one float32 copy, and the head's
+matmul runs twice per chunk instead of three times (forward, checkpoint recompute, backward). Peak memory grows with
+the micro-batch's tokens × hidden size, not with the step's tokens × vocabulary (``benchmarks/rl_memory.py``).
 
 Every log-probability is of ``logits / temperature``: the distribution the rollout was sampled from (no top-k or
 top-p truncation is applied to the score, as in TRL: within the kept set they only renormalise).
@@ -18,9 +20,10 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from medadapt.loss import CHUNK
+from medadapt.loss import CHUNK, head_linear
 from medadapt.model import unwrapped
 
 
@@ -54,6 +57,46 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperatu
     return picked, entropy
 
 
+#: rows of a chunk whose entropy is summed at once (128 × 151,936 float32 = 78 MB of temporary)
+ENTROPY_ROWS = 128
+
+
+class FusedLinearLogProbs(torch.autograd.Function):
+    """log softmax(h Wᵀ / T)[target] per row, over chunks of rows, and the summed entropy (no gradient). The gradient
+    with respect to each row, (onehot − softmax) W / T, is computed in the forward and scaled in the backward. The
+    head is frozen (RL refuses a trained head, ``rl/module.py``): no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                temperature: float, chunk: int, dtype: torch.dtype, with_entropy: bool):
+        w = weight.to(dtype)  # once per call
+        b = bias.to(dtype) if bias is not None else None
+        logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden)
+        entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):  # a shape, not a value: no host sync
+            t = targets[start : start + chunk]
+            logits = F.linear(hidden[start : start + chunk].to(dtype), w, b).float().div_(temperature)
+            lse = torch.logsumexp(logits, dim=-1)
+            logp[start : start + chunk] = logits.gather(-1, t[:, None]).squeeze(-1) - lse
+            p = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            del logits
+            if with_entropy:  # for the logs only; a few rows at a time, so its temporary is no second chunk
+                for row in range(0, p.shape[0], ENTROPY_ROWS):
+                    entropy += torch.special.entr(p[row : row + ENTROPY_ROWS]).sum()
+            p[torch.arange(t.shape[0], device=t.device), t] -= 1  # softmax − onehot = −d log p / d logits
+            grad_h[start : start + chunk] = (p.to(dtype) @ w).mul_(-1.0 / temperature).to(hidden.dtype)
+            del p  # not alive while the next chunk's logits are made
+        ctx.save_for_backward(grad_h)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor, _grad_entropy):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h.float() * grad_logp[:, None]).to(grad_h.dtype), None, None, None, None, None, None, None
+
+
 def chunked_logprobs(hidden: torch.Tensor, head, index: torch.Tensor, targets: torch.Tensor, temperature: float,
                      chunk: Optional[int] = None, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) at the flat positions ``index`` of ``hidden`` (B, T, d), under ``softmax(head(h) / T)``, and the
@@ -61,7 +104,14 @@ def chunked_logprobs(hidden: torch.Tensor, head, index: torch.Tensor, targets: t
     call (default ``CHUNK``: 1,024 × 151,936 float32 logits = 0.6 GB at a time)."""
     chunk = chunk or CHUNK
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-    parts, entropy = [], hidden.new_zeros((), dtype=torch.float32)
+    linear = head_linear(head) if torch.is_grad_enabled() and picked.requires_grad else None
+    if linear is not None and not linear.weight.requires_grad and (linear.bias is None or not linear.bias.requires_grad):
+        autocast = torch.is_autocast_enabled(picked.device.type)
+        dtype = torch.get_autocast_dtype(picked.device.type) if autocast else picked.dtype
+        logp, entropy = FusedLinearLogProbs.apply(picked, linear.weight, linear.bias, targets, temperature, chunk,
+                                                  dtype, with_entropy)
+        return logp, entropy.detach()
+    parts, entropy = [], hidden.new_zeros((), dtype=torch.float32)  # no gradient, or a trained head (checkpointed)
     for start in range(0, index.shape[0], chunk):  # a shape, not a value: no host sync
         part, tgt = picked[start : start + chunk], targets[start : start + chunk]
         if torch.is_grad_enabled() and part.requires_grad:

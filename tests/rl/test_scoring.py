@@ -36,12 +36,16 @@ def some_rollout(pad_id, seed=0):
     return prompts, completions, scored, collate_scoring(prompts, completions, scored, pad_id)
 
 
-def full_logprobs(model, prompts, completions, temperature):
-    """The plain computation, one sequence at a time: log_softmax(logits / T) of every completion token."""
+def full_logprobs(model, prompts, completions, temperature, entropies=None):
+    """The plain computation, one sequence at a time: log_softmax(logits / T) of every completion token (and, into
+    ``entropies``, each position's entropy)."""
     out = []
     for p, c in zip(prompts, completions):
         logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1].float() / temperature
-        out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1))
+        logp = torch.log_softmax(logits, -1)
+        out.append(logp.gather(-1, torch.tensor(c)[:, None]).squeeze(-1))
+        if entropies is not None:
+            entropies.append(-(logp.exp() * logp).sum(-1).detach())
     return out
 
 
@@ -52,20 +56,25 @@ def test_chunked_log_probs_and_gradients_equal_the_full_computation(tiny_qwen, t
     monkeypatch.setattr(scoring, "CHUNK", 4)  # several chunks per micro-batch
     model = policy(tiny_qwen)
     prompts, completions, scored, batch = some_rollout(0)
-    logp, _ = completion_logprobs(model, batch, temperature)
+    logp, entropy = completion_logprobs(model, batch, temperature, with_entropy=True)
+    with torch.no_grad():  # how π_old and the reference are scored: the same numbers
+        assert_close_to_scale(completion_logprobs(model, batch, temperature)[0], logp.detach(), rtol=1e-6)
     weights = torch.linspace(-1, 1, logp.numel()).view_as(logp)
     (logp * weights * batch["score_mask"]).sum().backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    expected = full_logprobs(model, prompts, completions, temperature)
-    total = 0
+    entropies = []
+    expected = full_logprobs(model, prompts, completions, temperature, entropies)
+    total, expected_entropy = 0, 0.0
     for b, (e, s) in enumerate(zip(expected, scored)):
         keep = torch.tensor(s, dtype=torch.bool)
         assert_close_to_scale(logp[b, : len(s)][keep], e[keep].detach(), rtol=1e-5)
         assert torch.all(logp[b, : len(s)][~keep] == 0) and torch.all(logp[b, len(s):] == 0)
         total = total + (e * weights[b, : len(s)] * keep).sum()
+        expected_entropy += float(entropies[b][keep].sum())
     total.backward()
     assert_gradients_close(ours, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert float(entropy) == pytest.approx(expected_entropy, rel=1e-5) and not entropy.requires_grad
 
 
 def test_scores_are_the_sampler_s_own_at_its_temperature(tiny_qwen):
