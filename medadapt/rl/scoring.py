@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from medadapt.loss import CHUNK, head_linear
+from medadapt.loss import CHUNK, FP16_PRESCALE, head_linear
 from medadapt.model import unwrapped
 
 
@@ -85,7 +85,9 @@ class FusedLinearLogProbs(torch.autograd.Function):
                 for row in range(0, p.shape[0], ENTROPY_ROWS):
                     entropy += torch.special.entr(p[row : row + ENTROPY_ROWS]).sum()
             p[torch.arange(t.shape[0], device=t.device), t] -= 1  # softmax − onehot = −d log p / d logits
-            grad_h[start : start + chunk] = (p.to(dtype) @ w).mul_(-1.0 / temperature).to(hidden.dtype)
+            scale = FP16_PRESCALE if dtype == torch.float16 else 1.0  # small probabilities survive float16 (loss.py)
+            grad_h[start : start + chunk] = (p.mul_(scale).to(dtype) @ w).mul_(-1.0 / (temperature * scale)).to(
+                hidden.dtype)
             del p  # not alive while the next chunk's logits are made
         ctx.save_for_backward(grad_h)
         ctx.mark_non_differentiable(entropy)
