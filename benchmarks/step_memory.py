@@ -37,11 +37,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from rl_memory import R1, R1_LAYERS, LiveBytes, build_model  # noqa: E402
+from step_traffic import arm_module  # noqa: E402
 
 GOAL = 8e9  # bytes: "<= 8 GB at 4,096 tokens with checkpointing on" (issue 26)
 EXAMPLE, PROMPT = 675, 100  # the o1 sample's mean length under the R1 tokenizer; a question-sized prompt
@@ -50,23 +50,6 @@ ARMS = {  # name: (model overrides, lora overrides, rows, tokens per row)
     "issue-19 ckpt": ({"gradient_checkpointing": True, "frozen_dtype": "float32"}, {"fused": False}, 1, 4096),
     "sft.yaml 3x2048": ({"gradient_checkpointing": False}, {}, 3, 2048),
 }
-
-
-def module_for(model_dir: str, model_over: dict, lora_over: dict):
-    """The CausalLMModule ``fit`` builds from configs/sft.yaml, with the model folder swapped and the settings
-    ``auto`` would pick on a GPU fixed (varlen attention, no Liger, no compilation: eager bytes)."""
-    from medadapt.model import LoraConfig, ModelConfig
-    from medadapt.module import CausalLMModule
-    from medadapt.optim import OptimConfig
-
-    shipped = yaml.safe_load((REPO / "configs" / "sft.yaml").read_text())["model"]
-    model = {**shipped["model"], "name_or_path": model_dir, "compute_dtype": "bfloat16", "attn_implementation": "varlen",
-             "liger": False, "compile": False, **model_over}
-    module = CausalLMModule(model=ModelConfig(**model), lora=LoraConfig(**{**shipped["lora"], **lora_over}),
-                            optim=OptimConfig(**{**shipped["optim"], "fused": False}))
-    torch.manual_seed(0)
-    module.build_model(training=True)
-    return module
 
 
 def packed_batch(rows: int, width: int, vocab: int) -> dict:
@@ -154,7 +137,8 @@ def main(argv=None) -> dict:
         model_over, lora_over, rows, width = ARMS[name]
         runs = {}
         for layers in (1, 2) + ((args.check_layers,) if name == args.arms[0] and args.check_layers else ()):
-            module = module_for(build_model(layers, work), model_over, lora_over)
+            # fit's module from configs/sft.yaml with the settings auto picks on a GPU fixed: varlen, eager, no Liger
+            module = arm_module(build_model(layers, work), {"attn_implementation": "varlen", **model_over}, lora_over)
             batch = packed_batch(rows, width, R1["vocab_size"])
             weights, trainable = weight_bytes(module.model)
             runs[layers] = {"weights": weights, "trainable": trainable, **measure(module, batch)}

@@ -37,6 +37,20 @@ def supervised_targets(labels: torch.Tensor, ignore_index: int = -100) -> tuple[
     return rows * labels.shape[1] + cols, shifted[rows, cols]
 
 
+def matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the LM head's matmul runs in: autocast's where it is on (as ``F.linear`` would run), else ``t``'s."""
+    return torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
+
+
+def cast_for_matmul(d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """``d`` (float32 softmax − one-hot) cast to the matmul's dtype, and the factor that undoes its scaling. For
+    float16, ``d`` is first scaled up by ``FP16_PRESCALE`` in place, so that probabilities below float16's smallest
+    subnormal are not flushed to zero."""
+    if dtype == torch.float16:
+        return d.mul_(FP16_PRESCALE).to(dtype), 1 / FP16_PRESCALE
+    return d.to(dtype), 1.0
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Σ cross-entropy(h Wᵀ + b, targets) over chunks of rows, gradients computed in the forward."""
 
@@ -60,11 +74,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 d = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory: one fp32 chunk, not two
                 del logits  # so the float32 chunk is freed when d turns into its cast below, before the next chunk
                 d[torch.arange(t.shape[0], device=t.device), t] -= 1
-                d = d.mul_(FP16_PRESCALE).to(dtype) if dtype == torch.float16 else d.to(dtype)
+                d, unscale = cast_for_matmul(d, dtype)
                 if need_h:
-                    grad_h[start : start + chunk] = ((d @ w) / (FP16_PRESCALE if dtype == torch.float16 else 1)).to(
-                        hidden.dtype)
-                unscale = 1 / FP16_PRESCALE if dtype == torch.float16 else 1.0
+                    grad_h[start : start + chunk] = (d @ w).mul_(unscale).to(hidden.dtype)
                 if need_w:
                     grad_w.addmm_(d.t().float(), h.float(), alpha=unscale)
                 if need_b:
@@ -115,9 +127,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, head, index: torch.Tensor, targe
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     linear = head_linear(head)
     if linear is not None:
-        autocast = torch.is_autocast_enabled(picked.device.type)
-        dtype = torch.get_autocast_dtype(picked.device.type) if autocast else picked.dtype
-        return FusedLinearCrossEntropy.apply(picked, linear.weight, linear.bias, targets, chunk, dtype)
+        return FusedLinearCrossEntropy.apply(picked, linear.weight, linear.bias, targets, chunk, matmul_dtype(picked))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, index.shape[0], chunk):
         part = picked[start : start + chunk]

@@ -12,3 +12,14 @@ class ParseOnly(MedAdaptCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         pass
+
+
+def parse_fit(args: list[str]):
+    """The ``fit`` config a command line gives (``args`` after ``fit``), validated, nothing instantiated."""
+    import lightning as L
+
+    from medadapt.training import AdapterModule
+
+    cli = ParseOnly(AdapterModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    auto_configure_optimizers=False, args=["fit", *args])
+    return cli.config["fit"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 
-from .cli_parse import ParseOnly
+from .cli_parse import parse_fit
 from .conftest import DATA, REPO, assert_close_to_scale
 
 SHARED_BENCH = DATA / "benchmarks"
@@ -67,14 +67,9 @@ def test_every_study_config_points_at_shipped_configs(config, monkeypatch):
 
 @pytest.mark.parametrize("config", TRAINER_CONFIGS, ids=[str(c.relative_to(REPO)) for c in TRAINER_CONFIGS])
 def test_every_shipped_config_parses(config, monkeypatch):
-    import lightning as L
-
-    from medadapt.training import AdapterModule
-
     monkeypatch.chdir(REPO)
-    cli = ParseOnly(AdapterModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    auto_configure_optimizers=False, args=["fit", "--config", str(config)])
-    data, model = cli.config["fit"]["data"], cli.config["fit"]["model"]
+    fit = parse_fit(["--config", str(config)])
+    data, model = fit["data"], fit["model"]
     assert data["class_path"].startswith("medadapt.")
     rl = data["class_path"] == "medadapt.rl.data.VerifiableQADataModule"
     assert model["class_path"] == ("medadapt.rl.module.GRPOModule" if rl else "medadapt.module.CausalLMModule")
@@ -82,8 +77,8 @@ def test_every_shipped_config_parses(config, monkeypatch):
         if data["init_args"].get(key):
             assert Path(data["init_args"][key]).exists(), data["init_args"][key]
     if rl:  # the module steps its optimizer itself: Lightning's clipping and accumulation are refused
-        assert not cli.config["fit"]["trainer"].get("gradient_clip_val")
-        assert cli.config["fit"]["trainer"].get("accumulate_grad_batches") in (None, 1)
+        assert not fit["trainer"].get("gradient_clip_val")
+        assert fit["trainer"].get("accumulate_grad_batches") in (None, 1)
 
 
 def test_the_rl_config_runs_a_published_scale_step():

@@ -47,11 +47,7 @@ def test_every_fit_speed_arm_parses_over_the_shipped_config(monkeypatch, tmp_pat
     the arms that need CUDA, flash_attn, Liger or Triton, parses against medadapt's CLI as fit_speed builds it."""
     import importlib.util
 
-    import lightning as L
-
-    from medadapt.training import AdapterModule
-
-    from .cli_parse import ParseOnly
+    from .cli_parse import parse_fit
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     import fit_speed
@@ -64,9 +60,7 @@ def test_every_fit_speed_arm_parses_over_the_shipped_config(monkeypatch, tmp_pat
     ctx = {"model_dir": str(tmp_path / "model"), "sft": str(tmp_path / "sft.json"), "seq": 2048, "warmup": 2,
            "steps": 5, "extra": []}
     for name, (overrides, _) in plan.items():
-        cli = ParseOnly(AdapterModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                        auto_configure_optimizers=False, args=["fit", *fit_speed.arm_args(ctx, tmp_path, overrides)])
-        fit = cli.config["fit"]
+        fit = parse_fit(fit_speed.arm_args(ctx, tmp_path, overrides))
         for key, value in dict(zip(overrides[::2], overrides[1::2])).items():  # each override took (the last wins)
             node = fit
             for part in key.removeprefix("--").split("."):

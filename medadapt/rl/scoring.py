@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from medadapt.loss import CHUNK, FP16_PRESCALE, head_linear
+from medadapt.loss import CHUNK, cast_for_matmul, head_linear, matmul_dtype
 from medadapt.model import unwrapped
 
 
@@ -85,9 +85,8 @@ class FusedLinearLogProbs(torch.autograd.Function):
                 for row in range(0, p.shape[0], ENTROPY_ROWS):
                     entropy += torch.special.entr(p[row : row + ENTROPY_ROWS]).sum()
             p[torch.arange(t.shape[0], device=t.device), t] -= 1  # softmax − onehot = −d log p / d logits
-            scale = FP16_PRESCALE if dtype == torch.float16 else 1.0  # small probabilities survive float16 (loss.py)
-            grad_h[start : start + chunk] = (p.mul_(scale).to(dtype) @ w).mul_(-1.0 / (temperature * scale)).to(
-                hidden.dtype)
+            p, unscale = cast_for_matmul(p, dtype)
+            grad_h[start : start + chunk] = (p @ w).mul_(-unscale / temperature).to(hidden.dtype)
             del p  # not alive while the next chunk's logits are made
         ctx.save_for_backward(grad_h)
         ctx.mark_non_differentiable(entropy)
@@ -108,10 +107,8 @@ def chunked_logprobs(hidden: torch.Tensor, head, index: torch.Tensor, targets: t
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     linear = head_linear(head) if torch.is_grad_enabled() and picked.requires_grad else None
     if linear is not None and not linear.weight.requires_grad and (linear.bias is None or not linear.bias.requires_grad):
-        autocast = torch.is_autocast_enabled(picked.device.type)
-        dtype = torch.get_autocast_dtype(picked.device.type) if autocast else picked.dtype
         logp, entropy = FusedLinearLogProbs.apply(picked, linear.weight, linear.bias, targets, temperature, chunk,
-                                                  dtype, with_entropy)
+                                                  matmul_dtype(picked), with_entropy)
         return logp, entropy.detach()
     parts, entropy = [], hidden.new_zeros((), dtype=torch.float32)  # no gradient, or a trained head (checkpointed)
     for start in range(0, index.shape[0], chunk):  # a shape, not a value: no host sync
