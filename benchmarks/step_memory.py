@@ -129,6 +129,8 @@ def main(argv=None) -> dict:
                     help="also measure the first arm at this many layers, against the line through 1 and 2 (0: skip)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
+    if args.check_layers and args.check_layers < 3:
+        ap.error(f"--check_layers {args.check_layers}: 0 (skip) or at least 3 (a point beyond the line's two)")
     from medadapt.checkpointing import MARGIN, RESERVE
 
     work = Path(tempfile.mkdtemp(prefix="step_memory-"))
