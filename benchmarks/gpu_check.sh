@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_check.sh --prepare   # where PyPI is reachable: wheels + assets into .gpu/ (git-ignored, ~59 MB)
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, with .gpu carried beside the checkout
 #   bash benchmarks/gpu_check.sh --tiny      # the same steps on CPU with a 2-layer model, 5 arms (tests/test_gpu_check.py)
+#   bash benchmarks/gpu_check.sh --rehearse  # --tiny on CPU under the GPU image's Python and versions, before spending device time
 #
 # The GPU image this was written for has torch (with Triton), transformers, peft, lightning, tensorboard,
 # torchmetrics, pyarrow and huggingface-hub, no hub access, and none of: bitsandbytes, torchdata, datasets,
@@ -41,6 +42,27 @@ docs = json.loads((src / "pubmedqa_ori_pqal.json").read_text())
 PYEOF
   du -sh .gpu
   exit 0
+fi
+if [ "${1:-}" = "--rehearse" ]; then
+  # The device image's Python and the versions read off it (../shared/NOTES.md, "Found on the first GPU run"), built
+  # here from PyPI (~5 GB: PyPI's torch is the CUDA build; it runs on the CPU) with the packages the image holds
+  # (/work/.library/device/KINDS.md) and none of the project's others: the run then installs .gpu's wheels into
+  # /tmp/site exactly as on the device. What differs from the device: no GPU (the CUDA-only arms are parsed, not run).
+  VENV=${GPU_IMAGE_VENV:-/tmp/gpu-image-venv}
+  [ -d .gpu/whl ] || { echo "gpu_check --rehearse: no .gpu/whl; run bash benchmarks/gpu_check.sh --prepare first" >&2; exit 2; }
+  if [ ! -x "$VENV/bin/python" ]; then
+    PY312=""
+    for c in python3.12 /root/.pyenv/versions/3.12*/bin/python3.12; do
+      if "$c" --version >/dev/null 2>&1; then PY312=$c; break; fi
+    done
+    [ -n "$PY312" ] || { echo "gpu_check --rehearse: needs a Python 3.12 (the image's)" >&2; exit 2; }
+    "$PY312" -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.11.0 triton==3.6.0 transformers==5.17.0 \
+    peft==0.21.0 lightning==2.6.6 accelerate==1.15.0 tensorboard torchmetrics pyarrow pandas xxhash requests httpx \
+    fsspec huggingface-hub safetensors tqdm pyyaml filelock matplotlib sentence-transformers 2>&1 | grep -v "^WARNING: Location" || true
+  rm -rf /tmp/site
+  PYTHON="$VENV/bin/python" OUT=${OUT:-results/gpu_check-rehearsal} exec bash "$0" --tiny
 fi
 OUT=${OUT:-results/gpu_check}
 PY=${PYTHON:-python3}

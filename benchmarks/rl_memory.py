@@ -70,6 +70,37 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class AllocatorPeak:
+    """Peak of the bytes the CPU allocator holds inside the block, above what it held at the start (torch.profiler's
+    allocation events). It sees every allocation, including a temporary a kernel makes inside one op
+    (``torch.logsumexp`` computes ``exp(x - max)`` into a full copy of its input), which ``LiveBytes``, following op
+    outputs, cannot see. CPU kernels' own scratch buffers count too, so an op can hold more here than on a GPU:
+    ``LiveBytes`` is the device-independent count, this one checks that nothing hides inside an op."""
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.peak = self.end = 0
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        from torch._C._profiler import _EventType
+
+        self._profile.__exit__(*exc)
+        events, stack = [], list(self._profile.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            e = stack.pop()
+            if e.tag == _EventType.Allocation:
+                events.append((e.start_time_ns, e.extra_fields.alloc_size))  # negative: a free
+            stack.extend(e.children)
+        for _, size in sorted(events):  # at equal times frees sort first: never a peak that did not exist
+            self.end += size
+            self.peak = max(self.peak, self.end)
+        return False
+
+
 def build_model(layers: int, folder: Path) -> str:
     """A random-weight folder of the R1 architecture with ``layers`` decoder layers (bf16), and the R1 tokenizer."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
@@ -108,7 +139,7 @@ def rollout(completions: int, tokens: int, prompt: int = 64, seed: int = 0):
 
 
 def measure(model, arm: str, completions: int, tokens: int, micro: int) -> int:
-    """Peak live bytes of scoring + backward of one rollout by ``arm``."""
+    """Peak live bytes of scoring + backward of one rollout by ``arm`` (checked against the CPU allocator's peak)."""
     from medadapt.rl.grpo import GRPOConfig
     from medadapt.rl.module import backprop
     from medadapt.rl.scoring import collate_scoring
@@ -122,7 +153,7 @@ def measure(model, arm: str, completions: int, tokens: int, micro: int) -> int:
         return b
 
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16), LiveBytes() as live:
+    with torch.autocast("cpu", dtype=torch.bfloat16), AllocatorPeak() as allocator, LiveBytes() as live:
         if arm == "issue-22":
             b = batch_of(list(range(completions)))
             logp = old_completion_logprobs(model, b, cfg.temperature)
@@ -131,6 +162,9 @@ def measure(model, arm: str, completions: int, tokens: int, micro: int) -> int:
             batches = [batch_of(list(range(i, min(i + micro, completions)))) for i in range(0, completions, micro)]
             backprop(model, batches, cfg, float(completions * tokens), 1)
     model.zero_grad(set_to_none=True)
+    if allocator.peak > 1.02 * live.peak:
+        print(f"  WARNING: {arm}, {completions} x {tokens}: the allocator held {allocator.peak / live.peak - 1:.0%} more "
+              "than the ops' outputs (a temporary inside an op)", flush=True)
     return live.peak
 
 

@@ -6,7 +6,8 @@
 What a step holds is a count of bytes, not a time, so a CPU counts what a GPU's allocator will hold
 (``torch.cuda.max_memory_allocated``): the weights, the LoRA weights, their gradients and AdamW's two moments, and
 the peak of every tensor created during the step's forward and backward (a ``TorchDispatchMode`` that follows each
-aten op's output storages until they are freed: ``rl_memory.LiveBytes``). The model is DeepSeek-R1-Distill-Qwen-1.5B's
+aten op's output storages until they are freed: ``rl_memory.LiveBytes``), checked against the CPU allocator's own
+peak (``rl_memory.AllocatorPeak``), which also sees temporaries made inside an op. The model is DeepSeek-R1-Distill-Qwen-1.5B's
 architecture (hidden 1,536, MLP 8,960, 12 / 2 heads, vocabulary 151,936, untied head) with random weights and its
 decoder cut to 1 and 2 layers, built by ``fit``'s loader with configs/sft.yaml's model and LoRA settings (nf4 +
 double quant, bf16 autocast as ``bf16-mixed``, LoRA r16 on every linear layer, dropout 0.05), and the step is the
@@ -40,7 +41,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-from rl_memory import R1, R1_LAYERS, LiveBytes, build_model  # noqa: E402
+from rl_memory import R1, R1_LAYERS, AllocatorPeak, LiveBytes, build_model  # noqa: E402
 from step_traffic import arm_module  # noqa: E402
 
 GOAL = 8e9  # bytes: "<= 8 GB at 4,096 tokens with checkpointing on" (issue 26)
@@ -97,7 +98,7 @@ def measure(module, batch: dict) -> dict:
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=False)
     module.model.zero_grad(set_to_none=True)
-    with LiveBytes() as live:
+    with AllocatorPeak() as allocator, LiveBytes() as live:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = module.training_step(batch, 0)
         loss.backward()
@@ -106,7 +107,8 @@ def measure(module, batch: dict) -> dict:
         moments = live.settle() - grads  # AdamW's exp_avg and exp_avg_sq
     module._step_stats = None
     module.model.zero_grad(set_to_none=True)
-    return {"peak": live.peak, "peak_op": live.peak_op, "moments": moments, "loss": float(loss.detach())}
+    return {"peak": live.peak, "peak_op": live.peak_op, "allocator_peak": allocator.peak, "moments": moments,
+            "loss": float(loss.detach())}
 
 
 def saved_per_token(module, batch: dict) -> float:
@@ -149,8 +151,11 @@ def main(argv=None) -> dict:
             del module
             r = runs[layers]
             print(f"  {name}, {layers} layer(s): weights {r['weights'] / 2**30:.2f} GiB, step peak "
-                  f"{r['peak'] / 2**30:.2f} GiB (at {r['peak_op']}), AdamW moments {r['moments'] / 2**20:.0f} MiB, loss {r['loss']:.3f}",
-                  flush=True)
+                  f"{r['peak'] / 2**30:.3f} GiB (at {r['peak_op']}; the CPU allocator's {r['allocator_peak'] / 2**30:.3f}"
+                  f" GiB), AdamW moments {r['moments'] / 2**20:.0f} MiB, loss {r['loss']:.3f}", flush=True)
+            if r["allocator_peak"] > 1.02 * r["peak"]:
+                print(f"  WARNING: the allocator held {r['allocator_peak'] / r['peak'] - 1:.0%} more than the ops' outputs:"
+                      " a temporary inside an op (a GPU kernel may or may not make it)", flush=True)
         full = {k: extrapolate(runs[1][k], runs[2][k]) for k in ("weights", "peak", "moments")}
         if len(runs) == 3:  # the measured third point against the line through the first two
             n = args.check_layers

@@ -6,13 +6,15 @@
 A QLoRA step of a 1.5B model is bound by memory traffic, not FLOPs: the 4-bit matmuls are cheap and every
 elementwise op (casts, adds, dropout, RMSNorm, RoPE, SwiGLU) reads and writes whole activations. What an op moves
 does not depend on the device, so a CPU counts it: a ``TorchDispatchMode`` sums, for every aten op that is neither a
-matmul (mm/addmm/bmm, attention kernels) nor a view, the bytes of its tensor inputs and outputs, forward and backward,
-and ``saved_tensors_hooks`` count the activations autograd keeps for backward (weights excluded). The model is
+matmul (mm/addmm/bmm, attention kernels) nor a view, the bytes of its tensor inputs and outputs, forward and backward
+(ops that touch only indexed elements count those, and logsumexp the passes its kernel makes inside:
+``moved_bytes``), and ``saved_tensors_hooks`` count the activations autograd keeps for backward (weights excluded). The model is
 configs/sft.yaml's (``model.model`` and ``model.lora`` as shipped, nf4, bf16 autocast as ``bf16-mixed``) at
-DeepSeek-R1-Distill-Qwen-1.5B's layer width (hidden 1,536, MLP 8,960, 12 / 2 heads), with 1 and 2 decoder layers
-and a small vocabulary; activation checkpointing off (what a layer saves). Per token per layer = the difference
+DeepSeek-R1-Distill-Qwen-1.5B's layer width (hidden 1,536, MLP 8,960, 12 / 2 heads) and vocabulary (151,936), with 1
+and 2 decoder layers; activation checkpointing off (what a layer saves). Per token per layer = the difference
 over two layer counts and two token counts (128 and 256 in one packed row), so the embedding, the LM head and
-every per-call cost (weight dequantization, casts of LoRA weights) cancel.
+every per-call cost (weight dequantization, casts of LoRA weights) cancel; what the LM head and the loss move per
+token (the 1-layer slope less one layer) is printed beside it.
 
 Arms, each one setting a user has, with ratios to the issue-19 defaults measured in the same run:
   issue-19     model.frozen_dtype: float32 (PEFT's upcast) + lora.fused: false (PEFT's forward), dropout 0.05
@@ -42,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
 R1_LAYER = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
                 rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=4096)
-VOCAB = 2048
+VOCAB = 151936  # R1-Distill's: the LM head and the loss move bytes in proportion to it
 #: ops that are matmuls (tensor-core work, not elementwise traffic): their bytes are not counted
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "_scaled_dot_product_flash_attention_for_cpu",
            "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_efficient_attention",
@@ -50,7 +52,20 @@ MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "_scaled_dot_product_flash
            "_scaled_dot_product_flash_attention_backward", "_flash_attention_forward", "_flash_attention_backward",
            "_efficient_attention_forward", "_efficient_attention_backward", "_scaled_dot_product_cudnn_attention",
            "_scaled_dot_product_cudnn_attention_backward"}
+#: ops that read only the elements an index picks (not their whole input): counted as the picked elements read and
+#: written, plus the indices
+PICK = {"gather", "index", "index_select", "embedding", "take"}
+#: in-place ops that update only the elements an index names: the source read, those elements read and written, the
+#: indices (not the whole destination twice)
+PLACE = {"index_put_", "_index_put_impl_", "scatter_", "scatter_add_", "index_add_", "index_copy_"}
+#: composite ops whose kernel makes passes the mode cannot see, as full passes over their input: logsumexp reads it
+#: for the max, reads it and writes a copy for x - max, exponentiates that copy in place and reads it for the sum
+PASSES = {"logsumexp": 6}
 GOAL_BYTES, GOAL_SAVED = 2.2e6, 130 * 1024
+#: this workplace's H100, measured (/work/.library/device/KINDS.md, 2026-11-13): device-to-device copy, bytes read +
+#: written (what the count sums), and an 8192^3 bf16 matmul on random data. The time they give a token is arithmetic
+#: on the count, not a timing: L2 (50 MB) can serve some reuse faster, compilation fuses ops, kernels add launch gaps.
+H100_COPY_BYTES_PER_S, H100_BF16_FLOPS = 3.0e12, 798e12
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -68,10 +83,24 @@ class Traffic(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if name not in MATMULS and not func.is_view and name not in ("detach", "alias", "lift_fresh"):
-            moved = sum(nbytes(t) for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor))
+            moved = moved_bytes(name, args, kwargs, out)
             self.bytes, self.ops = self.bytes + moved, self.ops + 1
             self.by_op[name] += moved
         return out
+
+
+def moved_bytes(name: str, args, kwargs, out) -> int:
+    """Bytes an op reads and writes: its tensor inputs and outputs, except for ops that touch only indexed
+    elements (``PICK``, ``PLACE``), which would otherwise count a whole tensor for a few rows."""
+    inputs = {k: v for k, v in (kwargs or {}).items() if k != "out"}  # an out= tensor is written, not read
+    tensors = [t for t in tree_flatten((args, inputs))[0] if isinstance(t, torch.Tensor)]
+    written = sum(nbytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+    index = sum(nbytes(t) for t in tensors if not t.is_floating_point())
+    if name in PICK:
+        return index + 2 * written
+    if name in PLACE:
+        return index + 3 * sum(nbytes(t) for t in tensors[1:] if t.is_floating_point())
+    return PASSES.get(name, 1) * sum(nbytes(t) for t in tensors) + written
 
 
 def build(layers: int, folder: Path) -> str:
@@ -165,10 +194,12 @@ def main(argv=None) -> dict:
         ops = runs[2, t2]["ops"] - runs[1, t2]["ops"]
         by_op = Counter({k: (runs[2, t2]["by_op"][k] - runs[2, t1]["by_op"][k] - runs[1, t2]["by_op"][k]
                              + runs[1, t1]["by_op"][k]) / (t2 - t1) for k in runs[2, t2]["by_op"]})
+        head = (runs[1, t2]["bytes"] - runs[1, t1]["bytes"]) / (t2 - t1) - per("bytes")
         report[name] = {"bytes_per_token_layer": per("bytes"), "saved_per_token_layer": per("saved"),
+                        "head_bytes_per_token": head,
                         "ops_per_layer": ops, "top_ops": dict(by_op.most_common(12))}
-        print(f"  {name:11s} {per('bytes') / 1e6:5.2f} MB  {per('saved') / 1024:6.1f} KiB saved  {ops} ops per layer",
-              flush=True)
+        print(f"  {name:11s} {per('bytes') / 1e6:5.2f} MB  {per('saved') / 1024:6.1f} KiB saved  {ops} ops per layer;"
+              f"  LM head + loss {head / 1e6:.2f} MB per token", flush=True)
         if args.breakdown:
             print("      " + ", ".join(f"{k} {v / 1e3:.0f} kB" for k, v in by_op.most_common(10)))
     base = report.get("issue-19")
@@ -180,6 +211,7 @@ def main(argv=None) -> dict:
                  f"{r['saved_per_token_layer'] / base['saved_per_token_layer']:.2f}x |") if base else ""
         print(f"| {name} | {r['bytes_per_token_layer'] / 1e6:.2f} | {r['saved_per_token_layer'] / 1024:.0f} | "
               f"{r['ops_per_layer']} |{ratio}")
+    at_h100(report)
     shipped = report.get("sft.yaml")
     if shipped:
         ok = shipped["bytes_per_token_layer"] <= GOAL_BYTES and shipped["saved_per_token_layer"] <= GOAL_SAVED
@@ -187,6 +219,25 @@ def main(argv=None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
+
+
+def at_h100(report: dict) -> None:
+    """What the count means for the 28-layer model on an H100: the eager step's elementwise traffic per token at
+    the copy bandwidth, beside the matmul FLOPs (the frozen-base count, checkpointing off as auto picks on 80 GB)
+    at the matmul rate; kernels on one stream run one after the other, so the two times add."""
+    from fit_speed import R1_DISTILL_1_5B, frozen_base_flops
+
+    layers = R1_DISTILL_1_5B["num_hidden_layers"]
+    matmul_us = frozen_base_flops(R1_DISTILL_1_5B, checkpointing=False) / H100_BF16_FLOPS * 1e6
+    print(f"\nAt {layers} layers on an H100 (copy {H100_COPY_BYTES_PER_S / 1e12:.1f} TB/s, bf16 matmul "
+          f"{H100_BF16_FLOPS / 1e12:.0f} TFLOP/s, measured): matmuls {matmul_us:.1f} µs per token; elementwise traffic:")
+    for name, r in report.items():
+        moved = layers * r["bytes_per_token_layer"] + r["head_bytes_per_token"]
+        traffic_us = moved / H100_COPY_BYTES_PER_S * 1e6
+        r["h100_traffic_us_per_token"], r["h100_matmul_us_per_token"] = traffic_us, matmul_us
+        print(f"  {name:11s} {moved / 1e6:6.1f} MB/token (LM head + loss {r['head_bytes_per_token'] / 1e6:.1f}) = "
+              f"{traffic_us:5.1f} µs; with the matmuls {1e6 / (traffic_us + matmul_us) / 1e3:5.1f}k tokens/s if "
+              "nothing else took time")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from .conftest import REPO, tiny_module
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from rl_memory import LiveBytes  # noqa: E402
+from rl_memory import AllocatorPeak, LiveBytes  # noqa: E402
 from step_memory import measure, packed_batch, weight_bytes  # noqa: E402
 
 
@@ -29,6 +29,24 @@ def test_live_bytes_counts_what_is_created_and_alive_and_nothing_made_before():
         assert live.settle() == 4000 + 40
     assert live.peak == 4000 + 20000 + 40
     assert view.shape == (32, 64) and also.numel() == 10 and part.numel() == 100
+
+
+def test_the_allocator_count_sees_the_temporaries_inside_an_op_that_live_bytes_cannot():
+    """torch.logsumexp computes exp(x - max) into a full copy of its input inside the op: LiveBytes (op outputs) misses
+    it, the allocator's count does not; both agree where every byte is an op's output."""
+    x = torch.randn(256, 1024)
+    with LiveBytes() as live:
+        torch.logsumexp(x, dim=-1)
+    with AllocatorPeak() as alloc:
+        torch.logsumexp(x, dim=-1)
+    assert live.peak < 2**12 and x.numel() * 4 <= alloc.peak <= x.numel() * 4 + 2**14
+    for count in (LiveBytes, AllocatorPeak):
+        with count() as c:
+            y = x * 2
+            z = y + 1
+            del y
+            z.mul_(3)
+        assert 2 * x.numel() * 4 <= c.peak <= 2 * x.numel() * 4 + 64  # (+ the allocator's scalars for 2, 1, 3)
 
 
 def test_weight_bytes_count_the_4bit_state_as_stored(tiny_qwen):
@@ -77,33 +95,43 @@ def head_inputs():
     return hidden, head, torch.randint(0, VOCAB, (ROWS,), generator=g)
 
 
-def test_the_loss_holds_one_float32_chunk_of_logits_at_a_time():
-    """The LM head's chunk is the largest transient of a step (1,024 x 151,936 float32 logits = 0.6 GB): the softmax
-    and its gradient are computed in the logits' own memory, so a chunk holds its float32 logits and their bf16 cast,
-    never two float32 copies, and nothing of one chunk is alive in the next (benchmarks/step_memory.py: 0.87 GiB less
-    at the real vocabulary)."""
+@pytest.mark.parametrize("count", [LiveBytes, AllocatorPeak])
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_loss_holds_one_float32_chunk_of_logits_at_a_time(count, grad):
+    """The LM head's chunk is the largest transient of a step (1,024 x 151,936 float32 logits = 0.6 GB): the
+    logsumexp, the softmax and its gradient are computed in the logits' own memory, so a chunk holds its float32
+    logits and their bf16 cast, never two float32 copies (torch.logsumexp makes one inside the op: the allocator's
+    count sees it), and nothing of one chunk is alive in the next; validation (no gradient) the same."""
     from medadapt.loss import chunked_cross_entropy
 
     hidden, head, targets = head_inputs()
-    with LiveBytes() as live:
-        chunked_cross_entropy(hidden, head, torch.arange(ROWS), targets, chunk=CHUNK).backward()
+    with count() as c:
+        loss = chunked_cross_entropy(hidden if grad else hidden.detach(), head, torch.arange(ROWS), targets, chunk=CHUNK)
+        if grad:
+            loss.backward()
     around = 4 * ROWS * DIM * 2 + 2**16  # the picked rows, their gradient, small vectors
-    assert PER_CHUNK <= live.peak <= PER_CHUNK + around
+    assert PER_CHUNK <= c.peak <= PER_CHUNK + around
 
 
+@pytest.mark.parametrize("count", [LiveBytes, AllocatorPeak])
+@pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_the_rl_scorer_holds_one_float32_chunk_of_logits_at_a_time(monkeypatch, with_entropy):
+def test_the_rl_scorer_holds_one_float32_chunk_of_logits_at_a_time(monkeypatch, count, grad, with_entropy):
     """GRPO's scorer (``rl/scoring.py``) keeps, per scored position, the gradient of its log-probability with respect
-    to the hidden state, computed in the forward: a chunk holds its float32 logits (softmax in place) and their bf16
-    cast, the entropy for the logs adds a few rows, and the backward recomputes nothing (checkpointed chunks held
-    ~5 float32 copies of a chunk while recomputing it: benchmarks/rl_memory.py)."""
+    to the hidden state, computed in the forward: a chunk holds its float32 logits (logsumexp and softmax in place)
+    and their bf16 cast, the entropy for the logs adds a few rows, and the backward recomputes nothing (checkpointed
+    chunks held ~5 float32 copies of a chunk while recomputing it: benchmarks/rl_memory.py). The π_old and reference
+    passes (no gradient) hold one float32 chunk too."""
     import medadapt.rl.scoring as scoring
 
     monkeypatch.setattr(scoring, "ENTROPY_ROWS", 16)
     hidden, head, targets = head_inputs()
-    with LiveBytes() as live:
-        logp, _ = scoring.chunked_logprobs(hidden, head, torch.arange(ROWS), targets, 0.6, chunk=CHUNK,
-                                           with_entropy=with_entropy)
-        (logp * torch.linspace(-1, 1, ROWS)).sum().backward()
+    with count() as c:
+        with torch.set_grad_enabled(grad):
+            logp, _ = scoring.chunked_logprobs(hidden, head, torch.arange(ROWS), targets, 0.6, chunk=CHUNK,
+                                               with_entropy=with_entropy)
+        if grad:
+            (logp * torch.linspace(-1, 1, ROWS)).sum().backward()
     around = 4 * ROWS * DIM * 2 + 16 * VOCAB * 4 + 2**16  # picked rows, their gradients, entropy rows, vectors
-    assert PER_CHUNK <= live.peak <= PER_CHUNK + around
+    lower = PER_CHUNK if grad else CHUNK * VOCAB * 4  # no gradient: no bf16 cast of softmax - one-hot
+    assert lower <= c.peak <= PER_CHUNK + around

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from medadapt.loss import CHUNK, cast_for_matmul, head_linear, matmul_dtype
+from medadapt.loss import CHUNK, cast_for_matmul, head_linear, log_softmax_at, matmul_dtype
 from medadapt.model import unwrapped
 
 
@@ -45,9 +45,25 @@ def reference_policy(model):
             m._active_adapter = active
 
 
+#: rows of a chunk whose entropy is summed at once (128 × 151,936 float32 = 78 MB of temporary)
+ENTROPY_ROWS = 128
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    """Σ −p log p over rows of softmax probabilities, a few rows at a time, so its temporary is no second chunk."""
+    entropy = p.new_zeros((), dtype=torch.float32)
+    for row in range(0, p.shape[0], ENTROPY_ROWS):
+        entropy += torch.special.entr(p[row : row + ENTROPY_ROWS]).sum()
+    return entropy
+
+
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperature: float,
                     with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = head(hidden).float() / temperature
+    logits = head(hidden).float()
+    if not logits.requires_grad:  # π_old and reference passes: one float32 copy of the chunk
+        logp, p = log_softmax_at(logits, targets, 1 / temperature, softmax=with_entropy)
+        return logp, _entropy(p) if with_entropy else logp.new_zeros(())
+    logits = logits / temperature  # a trained head, checkpointed: differentiable ops
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
     if not with_entropy:
@@ -55,10 +71,6 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperatu
     with torch.no_grad():  # for the logs only
         entropy = (lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)).sum()
     return picked, entropy
-
-
-#: rows of a chunk whose entropy is summed at once (128 × 151,936 float32 = 78 MB of temporary)
-ENTROPY_ROWS = 128
 
 
 class FusedLinearLogProbs(torch.autograd.Function):
@@ -76,14 +88,10 @@ class FusedLinearLogProbs(torch.autograd.Function):
         entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):  # a shape, not a value: no host sync
             t = targets[start : start + chunk]
-            logits = F.linear(hidden[start : start + chunk].to(dtype), w, b).float().div_(temperature)
-            lse = torch.logsumexp(logits, dim=-1)
-            logp[start : start + chunk] = logits.gather(-1, t[:, None]).squeeze(-1) - lse
-            p = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-            del logits
-            if with_entropy:  # for the logs only; a few rows at a time, so its temporary is no second chunk
-                for row in range(0, p.shape[0], ENTROPY_ROWS):
-                    entropy += torch.special.entr(p[row : row + ENTROPY_ROWS]).sum()
+            p = F.linear(hidden[start : start + chunk].to(dtype), w, b).float()  # the chunk's float32 logits
+            logp[start : start + chunk], p = log_softmax_at(p, t, 1 / temperature, softmax=True)  # p: softmax
+            if with_entropy:  # for the logs only
+                entropy += _entropy(p)
             p[torch.arange(t.shape[0], device=t.device), t] -= 1  # softmax − onehot = −d log p / d logits
             p, unscale = cast_for_matmul(p, dtype)
             grad_h[start : start + chunk] = (p @ w).mul_(-unscale / temperature).to(hidden.dtype)
