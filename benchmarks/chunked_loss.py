@@ -3,18 +3,18 @@
     python benchmarks/chunked_loss.py                      # V = 151,936, batch 2 × 2,048, hidden 1,536, bf16
     python benchmarks/chunked_loss.py --seq 4096
 
-Each arm runs in a fresh process (peak RSS is per process), on the same inputs: decoder hidden states that
-require grad, the R1-Distill-1.5B LM head (bf16, frozen as in QLoRA), labels with a supervised answer after
-an unsupervised prompt in each of several packed examples. Forward and backward of the summed loss. The
-number reported is the peak resident memory the loss added above the inputs (getrusage), the time of one
-forward+backward, and the ratio of the two arms; also that both give the same loss.
+Each arm runs in a fresh process, on the same inputs: decoder hidden states that require grad, the R1-Distill-1.5B
+LM head (bf16, frozen as in QLoRA), labels with a supervised answer after an unsupervised prompt in each of several
+packed examples. Forward and backward of the summed loss. The number reported is the peak the loss added above the
+inputs in the CPU allocator (``rl_memory.AllocatorPeak``: every allocation, temporaries inside an op too; the
+process's peak RSS, used before, hid a chunk in memory freed earlier), the time of one forward+backward, and the
+ratio of the two arms; also that both give the same loss.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -41,19 +41,20 @@ def arm(name: str, batch: int, seq: int, hidden: int, vocab: int) -> dict:
     from medadapt.data.packing import IGNORE_INDEX
     from medadapt.loss import chunked_cross_entropy
 
+    from rl_memory import AllocatorPeak
+
     h, head, labels, index, targets = inputs(batch, seq, hidden, vocab)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    if name == "full":
-        logits = head(h)[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-    else:
-        loss = chunked_cross_entropy(h, head, index, targets)
-    loss.backward()
+    with AllocatorPeak() as allocator:
+        if name == "full":
+            logits = head(h)[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+        else:
+            loss = chunked_cross_entropy(h, head, index, targets)
+        loss.backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"loss": loss.item(), "added_gib": (peak - before) / 2**20, "seconds": seconds,
+    return {"loss": loss.item(), "added_gib": allocator.peak / 2**30, "seconds": seconds,
             "supervised": int(targets.shape[0])}
 
 
