@@ -15,9 +15,8 @@ nf4, as stage 2 loaded it until issue 10. Stacked: the SFT stage's model as ``mu
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
+from scratch import scratch_dir
 from sft_packing import tiny_model_dir
 
 from medadapt.merge import export
@@ -30,7 +29,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m-instruct"])
     ap.add_argument("--rho", nargs="+", type=float, default=[0.01, 0.03, 0.10])
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp())
+    work = scratch_dir("cpt_kept_share-")
     print(f"{'model':<24} {'rho':>5} {'merged + re-quantized':>22} {'stacked':>8}")
     for name in args.models:
         path = tiny_model_dir() if name == "tiny" else name

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from medadapt.eval.data import BenchmarkDataModule  # noqa: E402
 from medadapt.eval.scoring import argmax_first  # noqa: E402
 from medadapt.model import ModelConfig, resolve_model_path  # noqa: E402
 from medadapt.module import CausalLMModule  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 
@@ -36,7 +36,7 @@ def run_medadapt(model_name: str, tasks: list[str], limit: int, batch_size: int,
 
     module = CausalLMModule(model=ModelConfig(name_or_path=model_name, load_in_4bit=False, compute_dtype="float32",
                                               gradient_checkpointing=False), lora=None,
-                            results_dir=tempfile.mkdtemp())
+                            results_dir=str(scratch_dir("eval_speed-")))
     data = BenchmarkDataModule(tasks=tasks, local_dir=str(SHARED), limit=limit, batch_size=batch_size,
                                tokenizer=model_name)
     data.setup("test")
@@ -89,7 +89,7 @@ def main() -> None:
     tasks = args.tasks.split(",")
 
     items, ours, t_ours, model = run_medadapt(name, tasks, args.limit, args.batch_size, device)
-    theirs, t_theirs = run_lm_eval(model, name, items, args.batch_size, Path(tempfile.mkdtemp()))
+    theirs, t_theirs = run_lm_eval(model, name, items, args.batch_size, scratch_dir("eval_speed-lm_eval-"))
     same = sum(ours[k] == theirs[k] for k in ours)
     n = len(items)
     print(f"lm-eval HF backend  {n / t_theirs:7.2f} questions/s  ({n} questions in {t_theirs:.1f}s)")

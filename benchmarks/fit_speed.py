@@ -41,7 +41,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import math
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO)]
+from scratch import scratch_dir  # noqa: E402
 SHARED = REPO.parent / "shared"
 
 R1_DISTILL_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -371,13 +371,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget-s", type=float, default=None, help="skip the arms that would start after this many s")
     ap.add_argument("--in-process", action="store_true", help="every arm in this process (default: one process each)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # the child of ``isolated``
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)  # a child writes in its parent's scratch folder (its adapter outlives it)
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # argv is this script's
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
     arch = TINY if args.tiny else R1_DISTILL_1_5B
-    tmp = tempfile.mkdtemp(prefix="fit_speed-")
+    tmp = args.tmp or str(scratch_dir("fit_speed-"))
     model_dir = args.model_dir or build_model_dir(arch, args.tokenizer, Path(tmp) / "model")
     ctx = {"tmp": tmp, "model_dir": model_dir, "sft": args.sft, "seq": args.seq or (256 if args.tiny else 2048),
            "warmup": args.warmup if args.warmup is not None else (1 if args.tiny else 2),
@@ -399,7 +400,7 @@ def main(argv=None) -> dict:
         return report
     print(f"fit_speed: {card}; {n / 1e9:.2f}B matmul params, rows of {ctx['seq']}, {ctx['warmup']} + {ctx['steps']} steps")
     child = ["--model-dir", model_dir, "--tokenizer", args.tokenizer, "--sft", args.sft, "--seq", str(ctx["seq"]),
-             "--warmup", str(ctx["warmup"]), "--steps", str(ctx["steps"])] + (["--tiny"] if args.tiny else [])
+             "--warmup", str(ctx["warmup"]), "--steps", str(ctx["steps"]), "--tmp", tmp] + (["--tiny"] if args.tiny else [])
     for name in ["seed-trainer", *arm_plan(cuda)]:
         if args.arms and name not in args.arms:
             continue

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 
 import torch
 from sft_packing import SHARED
+from scratch import scratch_dir
 
 from medadapt.eval.generative import GenerationConfig, collate_generate, extract_answer, gen_row, generate
 from medadapt.eval.tasks import load_task
@@ -98,7 +98,7 @@ def main() -> None:
     items = task[: args.prompts]
     rows = [gen_row(tokenizer, it, g) for it in items]
     warm = None if args.cold else [gen_row(tokenizer, it, g) for it in task[args.prompts : 2 * args.prompts]]
-    adapter_dir = tempfile.mkdtemp()
+    adapter_dir = str(scratch_dir("generate_speed-"))
     write_scaled_adapter(cfg, adapter_dir, rho=0.05, lora=LoraConfig(r=16, alpha=32, dropout=0.0))
     python = vllm_python()
     print(f"model {args.model} ({args.dtype}), {len(rows)} MedQA prompts ({sum(len(r.input_ids) for r in rows)} "

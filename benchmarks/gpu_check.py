@@ -31,7 +31,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -39,6 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]  # fit_speed beside it; medadapt from the checkout (not installed there)
+from scratch import scratch_dir  # noqa: E402
 
 
 #: the fit_speed arms the CPU proof (``--tiny``) runs: the seed, the shipped config, the 4,096 checkpointing arm, the
@@ -126,7 +126,7 @@ def main() -> None:
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
 
     # the 3.5 GB random-weight model and every cache live outside OUT (the device tool ships OUT back)
-    scratch = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    scratch = scratch_dir("gpu_check-")
     os.environ.setdefault("MEDADAPT_CACHE", str(scratch / "cache"))
     model_dir = str(scratch / "model")
     step("build", lambda: {"model": fit_speed.build_model_dir(arch, str(files["tokenizer"]), scratch / "model")})

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from torch.utils._pytree import tree_flatten
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
 from medadapt.loss import CHUNK  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 R1 = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
           max_position_embeddings=131072, rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-6)
@@ -185,7 +185,7 @@ def main(argv=None) -> dict:
     import medadapt.rl.scoring as scoring
     from medadapt.model import LoraConfig, ModelConfig, load_model
 
-    work = Path(tempfile.mkdtemp(prefix="rl_memory-"))
+    work = scratch_dir("rl_memory-")
     report: dict = {"arms": {}, "per_layer": {}, "chunk_row": {}}
     (c1, c2), (t1, t2) = args.completions, args.tokens
     for layers in args.layers:

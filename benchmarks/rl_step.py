@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
+from scratch import scratch_dir  # noqa: E402
 SHARED = REPO.parent / "shared"
 
 
@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
 
     from medadapt.cli import build_cli
 
-    work = Path(tempfile.mkdtemp(prefix="rl_step-"))
+    work = scratch_dir("rl_step-")
     config = REPO / "configs" / ("rl.yaml" if args.full else "demo" / Path("rl.yaml"))
     source = json.dumps([{"name": "o1", "data_files": args.sft, "options_field": "options",
                           "answer_field": "answer_idx", "answer_format": "letter", "on_bad_row": "skip"}])

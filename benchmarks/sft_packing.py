@@ -15,7 +15,6 @@ packing's alone.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from medadapt.data.packing import collate
 from medadapt.data.reasoning import ReasoningSFTDataModule
 from medadapt.model import LoraConfig, ModelConfig, load_model
 from medadapt.module import CausalLMModule
+from scratch import scratch_dir
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -35,7 +35,7 @@ def tiny_model_dir() -> str:
     tok = AutoTokenizer.from_pretrained(SHARED / "fixtures" / "deepseek-r1-distill-qwen-tokenizer")
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    path = Path(tempfile.mkdtemp()) / "tiny-qwen2"
+    path = scratch_dir("sft_packing-") / "tiny-qwen2"
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

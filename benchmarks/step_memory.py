@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from rl_memory import R1, R1_LAYERS, AllocatorPeak, LiveBytes, build_model  # noqa: E402
 from step_traffic import arm_module  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 GOAL = 8e9  # bytes: "<= 8 GB at 4,096 tokens with checkpointing on" (issue 26)
 EXAMPLE, PROMPT = 675, 100  # the o1 sample's mean length under the R1 tokenizer; a question-sized prompt
@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
         ap.error(f"--check_layers {args.check_layers}: 0 (skip) or at least 3 (a point beyond the line's two)")
     from medadapt.checkpointing import MARGIN, RESERVE
 
-    work = Path(tempfile.mkdtemp(prefix="step_memory-"))
+    work = scratch_dir("step_memory-")
     report: dict = {}
     for name in args.arms:
         model_over, lora_over, rows, width = ARMS[name]

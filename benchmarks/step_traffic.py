@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
+from scratch import scratch_dir  # noqa: E402
 R1_LAYER = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
                 rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=4096)
 VOCAB = 151936  # R1-Distill's: the LM head and the loss move bytes in proportion to it
@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--breakdown", action="store_true", help="print the ops that move the most bytes per arm")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="step_traffic-"))
+    work = scratch_dir("step_traffic-")
     t1, t2 = args.tokens
     report = {}
     for name in args.arms:

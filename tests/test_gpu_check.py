@@ -67,3 +67,16 @@ def test_every_fit_speed_arm_parses_over_the_shipped_config(monkeypatch, tmp_pat
                 node = node[part] if part in node else node["init_args"][part]  # --model.x: the class's init_args
             assert str(node).lower() == value.lower() or (str(node)[0].isdigit() and float(node) == float(value)), (
                 name, key, node)
+
+
+def test_a_benchmark_s_scratch_folder_goes_when_its_process_ends(tmp_path):
+    """The benchmarks build random-weight models of 1-4 GB in temporary folders: each is removed when the process that
+    made it exits (and not before: gpu_check tests the adapter fit_speed exported there)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from scratch import scratch_dir; "
+            "d = scratch_dir('medadapt-test-'); (d / 'model.safetensors').write_bytes(b'x' * 1000); "
+            "assert (d / 'model.safetensors').exists(); print(d)")
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    made = proc.stdout.strip().splitlines()[-1]
+    assert made and not os.path.exists(made)
