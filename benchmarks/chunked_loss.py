@@ -6,7 +6,7 @@
 Each arm runs in a fresh process, on the same inputs: decoder hidden states that require grad, the R1-Distill-1.5B
 LM head (bf16, frozen as in QLoRA), labels with a supervised answer after an unsupervised prompt in each of several
 packed examples. Forward and backward of the summed loss. The number reported is the peak the loss added above the
-inputs in the CPU allocator (``rl_memory.AllocatorPeak``: every allocation, temporaries inside an op too; the
+inputs in the CPU allocator (``byte_counts.AllocatorPeak``: every allocation, temporaries inside an op too; the
 process's peak RSS, used before, hid a chunk in memory freed earlier), the time of one forward+backward, and the
 ratio of the two arms; also that both give the same loss.
 """
@@ -41,7 +41,7 @@ def arm(name: str, batch: int, seq: int, hidden: int, vocab: int) -> dict:
     from medadapt.data.packing import IGNORE_INDEX
     from medadapt.loss import chunked_cross_entropy
 
-    from rl_memory import AllocatorPeak
+    from byte_counts import AllocatorPeak
 
     h, head, labels, index, targets = inputs(batch, seq, hidden, vocab)
     start = time.perf_counter()

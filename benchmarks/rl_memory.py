@@ -24,81 +24,16 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
+from byte_counts import AllocatorPeak, LiveBytes  # noqa: E402
 from medadapt.loss import CHUNK  # noqa: E402
 from scratch import scratch_dir  # noqa: E402
 
 R1 = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
           max_position_embeddings=131072, rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-6)
 R1_LAYERS = 28
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages created inside the mode and still alive (each counted once, views of them
-    too; views of and in-place updates to tensors made before the mode, such as weights, not at all)."""
-
-    def __init__(self):
-        super().__init__()
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        self.ref, self.live, self.current, self.peak, self.peak_op = StorageWeakRef, {}, 0, 0, ""  # op that made the peak
-
-    def settle(self) -> int:
-        """Forget the storages freed since the last op; the bytes still alive."""
-        for k in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(k)[1]
-        return self.current
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.settle()
-        # an output on an input's storage (a view, an in-place op) is not new: a weight's transpose, AdamW's
-        # in-place update of a parameter, made before the mode began, must not count as created here
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                if storage._cdata not in self.live and storage._cdata not in inputs:
-                    self.live[storage._cdata] = (self.ref(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        if self.current > self.peak:
-            self.peak, self.peak_op = self.current, func.__name__
-        return out
-
-
-class AllocatorPeak:
-    """Peak of the bytes the CPU allocator holds inside the block, above what it held at the start (torch.profiler's
-    allocation events). It sees every allocation, including a temporary a kernel makes inside one op
-    (``torch.logsumexp`` computes ``exp(x - max)`` into a full copy of its input), which ``LiveBytes``, following op
-    outputs, cannot see. CPU kernels' own scratch buffers count too, so an op can hold more here than on a GPU:
-    ``LiveBytes`` is the device-independent count, this one checks that nothing hides inside an op."""
-
-    def __enter__(self):
-        from torch.profiler import ProfilerActivity, profile
-
-        self.peak = self.end = 0
-        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._profile.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        from torch._C._profiler import _EventType
-
-        self._profile.__exit__(*exc)
-        events, stack = [], list(self._profile.profiler.kineto_results.experimental_event_tree())
-        while stack:
-            e = stack.pop()
-            if e.tag == _EventType.Allocation:
-                events.append((e.start_time_ns, e.extra_fields.alloc_size))  # negative: a free
-            stack.extend(e.children)
-        for _, size in sorted(events):  # at equal times frees sort first: never a peak that did not exist
-            self.end += size
-            self.peak = max(self.peak, self.end)
-        return False
 
 
 def build_model(layers: int, folder: Path) -> str:

@@ -6,8 +6,8 @@
 What a step holds is a count of bytes, not a time, so a CPU counts what a GPU's allocator will hold
 (``torch.cuda.max_memory_allocated``): the weights, the LoRA weights, their gradients and AdamW's two moments, and
 the peak of every tensor created during the step's forward and backward (a ``TorchDispatchMode`` that follows each
-aten op's output storages until they are freed: ``rl_memory.LiveBytes``), checked against the CPU allocator's own
-peak (``rl_memory.AllocatorPeak``), which also sees temporaries made inside an op. The model is DeepSeek-R1-Distill-Qwen-1.5B's
+aten op's output storages until they are freed: ``byte_counts.LiveBytes``), checked against the CPU allocator's own
+peak (``byte_counts.AllocatorPeak``), which also sees temporaries made inside an op. The model is DeepSeek-R1-Distill-Qwen-1.5B's
 architecture (hidden 1,536, MLP 8,960, 12 / 2 heads, vocabulary 151,936, untied head) with random weights and its
 decoder cut to 1 and 2 layers, built by ``fit``'s loader with configs/sft.yaml's model and LoRA settings (nf4 +
 double quant, bf16 autocast as ``bf16-mixed``, LoRA r16 on every linear layer, dropout 0.05), and the step is the
@@ -40,7 +40,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-from rl_memory import R1, R1_LAYERS, AllocatorPeak, LiveBytes, build_model  # noqa: E402
+from byte_counts import AllocatorPeak, LiveBytes  # noqa: E402
+from rl_memory import R1, R1_LAYERS, build_model  # noqa: E402
 from step_traffic import arm_module  # noqa: E402
 from scratch import scratch_dir  # noqa: E402
 

@@ -36,71 +36,19 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
+from byte_counts import Traffic  # noqa: E402
 from scratch import scratch_dir  # noqa: E402
 R1_LAYER = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
                 rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=4096)
 VOCAB = 151936  # R1-Distill's: the LM head and the loss move bytes in proportion to it
-#: ops that are matmuls (tensor-core work, not elementwise traffic): their bytes are not counted
-MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "_scaled_dot_product_flash_attention_for_cpu",
-           "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_efficient_attention",
-           "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_flash_attention",
-           "_scaled_dot_product_flash_attention_backward", "_flash_attention_forward", "_flash_attention_backward",
-           "_efficient_attention_forward", "_efficient_attention_backward", "_scaled_dot_product_cudnn_attention",
-           "_scaled_dot_product_cudnn_attention_backward"}
-#: ops that read only the elements an index picks (not their whole input): counted as the picked elements read and
-#: written, plus the indices
-PICK = {"gather", "index", "index_select", "embedding", "take"}
-#: in-place ops that update only the elements an index names: the source read, those elements read and written, the
-#: indices (not the whole destination twice)
-PLACE = {"index_put_", "_index_put_impl_", "scatter_", "scatter_add_", "index_add_", "index_copy_"}
-#: composite ops whose kernel makes passes the mode cannot see, as full passes over their input: logsumexp reads it
-#: for the max, reads it and writes a copy for x - max, exponentiates that copy in place and reads it for the sum
-PASSES = {"logsumexp": 6}
 GOAL_BYTES, GOAL_SAVED = 2.2e6, 130 * 1024
 #: this workplace's H100, measured (/work/.library/device/KINDS.md, 2026-11-13): device-to-device copy, bytes read +
 #: written (what the count sums), and an 8192^3 bf16 matmul on random data. The time they give a token is arithmetic
 #: on the count, not a timing: L2 (50 MB) can serve some reuse faster, compilation fuses ops, kernels add launch gaps.
 H100_COPY_BYTES_PER_S, H100_BF16_FLOPS = 3.0e12, 798e12
-
-
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-class Traffic(TorchDispatchMode):
-    """Bytes read + written by non-matmul, non-view aten ops; the number of such ops; bytes by op name."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes, self.ops, self.by_op = 0, 0, Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        if name not in MATMULS and not func.is_view and name not in ("detach", "alias", "lift_fresh"):
-            moved = moved_bytes(name, args, kwargs, out)
-            self.bytes, self.ops = self.bytes + moved, self.ops + 1
-            self.by_op[name] += moved
-        return out
-
-
-def moved_bytes(name: str, args, kwargs, out) -> int:
-    """Bytes an op reads and writes: its tensor inputs and outputs, except for ops that touch only indexed
-    elements (``PICK``, ``PLACE``), which would otherwise count a whole tensor for a few rows."""
-    inputs = {k: v for k, v in (kwargs or {}).items() if k != "out"}  # an out= tensor is written, not read
-    tensors = [t for t in tree_flatten((args, inputs))[0] if isinstance(t, torch.Tensor)]
-    written = sum(nbytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-    index = sum(nbytes(t) for t in tensors if not t.is_floating_point())
-    if name in PICK:
-        return index + 2 * written
-    if name in PLACE:
-        return index + 3 * sum(nbytes(t) for t in tensors[1:] if t.is_floating_point())
-    return PASSES.get(name, 1) * sum(nbytes(t) for t in tensors) + written
 
 
 def build(layers: int, folder: Path) -> str:

@@ -1,4 +1,4 @@
-"""The byte counts behind benchmarks/step_memory.py and rl_memory.py: what they count as held is what a step holds."""
+"""What a step holds, counted as benchmarks/step_memory.py and rl_memory.py count it (the counters: test_byte_counts.py)."""
 
 from __future__ import annotations
 
@@ -11,42 +11,8 @@ import torch
 from .conftest import REPO, tiny_module
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from rl_memory import AllocatorPeak, LiveBytes  # noqa: E402
+from byte_counts import AllocatorPeak, LiveBytes  # noqa: E402
 from step_memory import measure, packed_batch, weight_bytes  # noqa: E402
-
-
-def test_live_bytes_counts_what_is_created_and_alive_and_nothing_made_before():
-    weight = torch.nn.Parameter(torch.randn(64, 32))  # made before the mode: a weight
-    with LiveBytes() as live:
-        view = weight.t()  # a view of the weight: nothing new
-        with torch.no_grad():
-            weight.mul_(0.5)  # an in-place update of it (an optimizer step): nothing new
-        kept = torch.empty(1000)  # 4,000 bytes that stay
-        temp = torch.empty(5000)  # 20,000 bytes, then freed
-        also = kept[:10] + 0  # 40 bytes; a view of `kept` below adds nothing
-        part = kept[100:200]
-        del temp
-        assert live.settle() == 4000 + 40
-    assert live.peak == 4000 + 20000 + 40
-    assert view.shape == (32, 64) and also.numel() == 10 and part.numel() == 100
-
-
-def test_the_allocator_count_sees_the_temporaries_inside_an_op_that_live_bytes_cannot():
-    """torch.logsumexp computes exp(x - max) into a full copy of its input inside the op: LiveBytes (op outputs) misses
-    it, the allocator's count does not; both agree where every byte is an op's output."""
-    x = torch.randn(256, 1024)
-    with LiveBytes() as live:
-        torch.logsumexp(x, dim=-1)
-    with AllocatorPeak() as alloc:
-        torch.logsumexp(x, dim=-1)
-    assert live.peak < 2**12 and x.numel() * 4 <= alloc.peak <= x.numel() * 4 + 2**14
-    for count in (LiveBytes, AllocatorPeak):
-        with count() as c:
-            y = x * 2
-            z = y + 1
-            del y
-            z.mul_(3)
-        assert 2 * x.numel() * 4 <= c.peak <= 2 * x.numel() * 4 + 64  # (+ the allocator's scalars for 2, 1, 3)
 
 
 def test_weight_bytes_count_the_4bit_state_as_stored(tiny_qwen):

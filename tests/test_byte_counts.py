@@ -1,0 +1,81 @@
+"""The byte counts behind the memory and traffic benchmarks (benchmarks/byte_counts.py): what they count as held is
+what is allocated and alive, what they count as moved is what an op reads and writes."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from byte_counts import AllocatorPeak, LiveBytes, Traffic  # noqa: E402
+
+ROWS, VOCAB = 64, 1000
+FULL = ROWS * VOCAB * 4  # one float32 (ROWS, VOCAB) tensor
+
+
+def counted(work) -> int:
+    x = torch.randn(ROWS, VOCAB)
+    t = torch.randint(0, VOCAB, (ROWS,))
+    with Traffic() as traffic:
+        work(x, t)
+    return traffic.bytes
+
+
+def test_elementwise_ops_count_what_they_read_and_write():
+    assert counted(lambda x, t: x * 2) == 2 * FULL  # read x, write the product (2 is a Python scalar)
+    assert counted(lambda x, t: x.mul_(2)) == 2 * FULL  # in place: read and write x
+    assert counted(lambda x, t: torch.add(x, x, out=x)) == 3 * FULL  # read twice, write once: out= is not a read
+    assert counted(lambda x, t: x.sum(-1)) == FULL + ROWS * 4
+    assert counted(lambda x, t: x @ x.t()) == 0  # matmuls are not elementwise traffic
+
+
+def test_indexed_ops_count_the_elements_they_touch_not_whole_tensors():
+    """Picking each row's target logit, or subtracting one-hot there, touches one element per row."""
+    rows, ones, first = torch.arange(ROWS), torch.ones(ROWS), torch.arange(8)  # made outside the count
+    index = ROWS * 8
+    assert counted(lambda x, t: x.gather(-1, t[:, None])) == index + 2 * ROWS * 4
+    assert counted(lambda x, t: x.index_put_((rows, t), ones, accumulate=True)) == 2 * index + 3 * ROWS * 4
+    assert counted(lambda x, t: x.index_select(0, first)) == 8 * 8 + 2 * 8 * VOCAB * 4
+
+
+def test_logsumexp_counts_the_passes_its_kernel_makes_inside():
+    """torch.logsumexp reads its input for the max, writes exp(x - max) to a copy and reads it for the sum, all inside
+    one op the dispatch mode sees once (the allocator sees the copy: test_step_memory.py)."""
+    assert counted(lambda x, t: torch.logsumexp(x, -1)) == 6 * FULL + ROWS * 4
+
+
+def test_live_bytes_counts_what_is_created_and_alive_and_nothing_made_before():
+    weight = torch.nn.Parameter(torch.randn(64, 32))  # made before the mode: a weight
+    with LiveBytes() as live:
+        view = weight.t()  # a view of the weight: nothing new
+        with torch.no_grad():
+            weight.mul_(0.5)  # an in-place update of it (an optimizer step): nothing new
+        kept = torch.empty(1000)  # 4,000 bytes that stay
+        temp = torch.empty(5000)  # 20,000 bytes, then freed
+        also = kept[:10] + 0  # 40 bytes; a view of `kept` below adds nothing
+        part = kept[100:200]
+        del temp
+        assert live.settle() == 4000 + 40
+    assert live.peak == 4000 + 20000 + 40
+    assert view.shape == (32, 64) and also.numel() == 10 and part.numel() == 100
+
+
+def test_the_allocator_count_sees_the_temporaries_inside_an_op_that_live_bytes_cannot():
+    """torch.logsumexp computes exp(x - max) into a full copy of its input inside the op: LiveBytes (op outputs) misses
+    it, the allocator's count does not; both agree where every byte is an op's output."""
+    x = torch.randn(256, 1024)
+    with LiveBytes() as live:
+        torch.logsumexp(x, dim=-1)
+    with AllocatorPeak() as alloc:
+        torch.logsumexp(x, dim=-1)
+    assert live.peak < 2**12 and x.numel() * 4 <= alloc.peak <= x.numel() * 4 + 2**14
+    for count in (LiveBytes, AllocatorPeak):
+        with count() as c:
+            y = x * 2
+            z = y + 1
+            del y
+            z.mul_(3)
+        assert 2 * x.numel() * 4 <= c.peak <= 2 * x.numel() * 4 + 64  # (+ the allocator's scalars for 2, 1, 3)
