@@ -82,6 +82,14 @@ class AllocatorPeak:
         return False
 
 
+def hidden_in_an_op(live_peak: int, allocator_peak: int) -> str | None:
+    """Why the allocator's peak exceeds the op-output count by more than 2% (a temporary made inside an op, which a
+    GPU kernel may or may not make too), or None: what the memory benchmarks warn about."""
+    if allocator_peak <= 1.02 * live_peak:
+        return None
+    return f"the allocator held {allocator_peak / live_peak - 1:.0%} more than the ops' outputs (a temporary inside an op)"
+
+
 #: ops that are matmuls (tensor-core work, not elementwise traffic): their bytes are not counted
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "_scaled_dot_product_flash_attention_for_cpu",
            "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_efficient_attention",

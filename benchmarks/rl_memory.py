@@ -27,7 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
-from byte_counts import AllocatorPeak, LiveBytes  # noqa: E402
+from byte_counts import AllocatorPeak, LiveBytes, hidden_in_an_op  # noqa: E402
 from medadapt.loss import CHUNK  # noqa: E402
 from scratch import scratch_dir  # noqa: E402
 
@@ -97,9 +97,8 @@ def measure(model, arm: str, completions: int, tokens: int, micro: int) -> int:
             batches = [batch_of(list(range(i, min(i + micro, completions)))) for i in range(0, completions, micro)]
             backprop(model, batches, cfg, float(completions * tokens), 1)
     model.zero_grad(set_to_none=True)
-    if allocator.peak > 1.02 * live.peak:
-        print(f"  WARNING: {arm}, {completions} x {tokens}: the allocator held {allocator.peak / live.peak - 1:.0%} more "
-              "than the ops' outputs (a temporary inside an op)", flush=True)
+    if hidden := hidden_in_an_op(live.peak, allocator.peak):
+        print(f"  WARNING: {arm}, {completions} x {tokens}: {hidden}", flush=True)
     return live.peak
 
 
@@ -117,6 +116,11 @@ def main(argv=None) -> dict:
                          "sets the peak: its transient per row")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
+    for flag, (a, b) in (("--completions", args.completions), ("--tokens", args.tokens), ("--chunk", args.chunk)):
+        if not 0 < a < b:
+            ap.error(f"{flag} {a} {b}: two sizes, the first smaller (slopes divide by their difference), both > 0")
+    if args.completions[0] < 2 or args.slope_chunk < 1:
+        ap.error("--completions starts at 2 or more (both steps hold the LoRA gradients) and --slope_chunk is >= 1")
     import medadapt.rl.scoring as scoring
     from medadapt.model import LoraConfig, ModelConfig, load_model
 

@@ -40,7 +40,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-from byte_counts import AllocatorPeak, LiveBytes  # noqa: E402
+from byte_counts import AllocatorPeak, LiveBytes, hidden_in_an_op  # noqa: E402
 from rl_memory import R1, R1_LAYERS, build_model  # noqa: E402
 from step_traffic import arm_module  # noqa: E402
 from scratch import scratch_dir  # noqa: E402
@@ -154,9 +154,8 @@ def main(argv=None) -> dict:
             print(f"  {name}, {layers} layer(s): weights {r['weights'] / 2**30:.2f} GiB, step peak "
                   f"{r['peak'] / 2**30:.3f} GiB (at {r['peak_op']}; the CPU allocator's {r['allocator_peak'] / 2**30:.3f}"
                   f" GiB), AdamW moments {r['moments'] / 2**20:.0f} MiB, loss {r['loss']:.3f}", flush=True)
-            if r["allocator_peak"] > 1.02 * r["peak"]:
-                print(f"  WARNING: the allocator held {r['allocator_peak'] / r['peak'] - 1:.0%} more than the ops' outputs:"
-                      " a temporary inside an op (a GPU kernel may or may not make it)", flush=True)
+            if hidden := hidden_in_an_op(r["peak"], r["allocator_peak"]):
+                print(f"  WARNING: {name}, {layers} layer(s): {hidden}", flush=True)
         full = {k: extrapolate(runs[1][k], runs[2][k]) for k in ("weights", "peak", "moments")}
         if len(runs) == 3:  # the measured third point against the line through the first two
             n = args.check_layers

@@ -40,28 +40,14 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
 from byte_counts import Traffic  # noqa: E402
+from rl_memory import R1, build_model  # noqa: E402
 from scratch import scratch_dir  # noqa: E402
-R1_LAYER = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
-                rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=4096)
-VOCAB = 151936  # R1-Distill's: the LM head and the loss move bytes in proportion to it
+VOCAB = R1["vocab_size"]  # R1-Distill's: the LM head and the loss move bytes in proportion to it
 GOAL_BYTES, GOAL_SAVED = 2.2e6, 130 * 1024
 #: this workplace's H100, measured (/work/.library/device/KINDS.md, 2026-11-13): device-to-device copy, bytes read +
 #: written (what the count sums), and an 8192^3 bf16 matmul on random data. The time they give a token is arithmetic
 #: on the count, not a timing: L2 (50 MB) can serve some reuse faster, compilation fuses ops, kernels add launch gaps.
 H100_COPY_BYTES_PER_S, H100_BF16_FLOPS = 3.0e12, 798e12
-
-
-def build(layers: int, folder: Path) -> str:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    path = folder / f"r1-layer-{layers}"
-    if not (path / "config.json").exists():
-        torch.manual_seed(0)
-        Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, vocab_size=VOCAB, **R1_LAYER)).to(
-            torch.bfloat16).save_pretrained(path)
-        AutoTokenizer.from_pretrained(REPO.parent / "shared" / "fixtures" / "deepseek-r1-distill-qwen-tokenizer"
-                                      ).save_pretrained(path)
-    return str(path)
 
 
 def measure(module, tokens: int) -> dict:
@@ -123,6 +109,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--breakdown", action="store_true", help="print the ops that move the most bytes per arm")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if not 0 < args.tokens[0] < args.tokens[1]:
+        ap.error(f"--tokens {args.tokens[0]} {args.tokens[1]}: two lengths, the first smaller (the slope), both > 0")
     work = scratch_dir("step_traffic-")
     t1, t2 = args.tokens
     report = {}
@@ -130,7 +118,7 @@ def main(argv=None) -> dict:
         model_over, lora_over = ARMS[name]
         runs = {}
         for layers in (1, 2):
-            module = arm_module(build(layers, work), model_over, lora_over)
+            module = arm_module(build_model(layers, work), model_over, lora_over)
             for tokens in (t1, t2):
                 torch.manual_seed(1)
                 runs[layers, tokens] = measure(module, tokens)
