@@ -20,7 +20,8 @@ from scratch import scratch_dir
 from sft_packing import tiny_model_dir
 
 from medadapt.merge import export
-from medadapt.model import LoraConfig, ModelConfig, load_model
+from medadapt.model import load_model
+from medadapt.model_config import LoraConfig, ModelConfig
 from medadapt.weights import kept_share, projection_weights, relative_size, write_scaled_adapter
 
 

@@ -21,7 +21,8 @@ import torch
 from sft_packing import SHARED, run, tiny_model_dir
 
 from medadapt.data.textbooks import TextbooksDataModule
-from medadapt.model import LoraConfig, ModelConfig, load_model
+from medadapt.model import load_model
+from medadapt.model_config import LoraConfig, ModelConfig
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from medadapt.eval.data import BenchmarkDataModule  # noqa: E402
 from medadapt.eval.scoring import argmax_first  # noqa: E402
-from medadapt.model import ModelConfig, resolve_model_path  # noqa: E402
+from medadapt.model_config import ModelConfig, resolve_model_path  # noqa: E402
 from medadapt.module import CausalLMModule  # noqa: E402
 from scratch import scratch_dir  # noqa: E402
 
@@ -58,7 +58,7 @@ def run_lm_eval(model, model_name: str, items, batch_size: int, workdir: Path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "eval"))
     from lm_eval_reference import hub_doc, write_task_yamls
 
-    from medadapt.model import load_tokenizer
+    from medadapt.model_config import load_tokenizer
 
     by_task: dict[str, list] = {}
     for it in items:

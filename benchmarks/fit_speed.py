@@ -232,7 +232,8 @@ def seed_trainer_arm(ctx: dict) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from medadapt.data.reasoning import ReasoningSFTDataModule
-    from medadapt.model import LoraConfig, ModelConfig, load_model, load_tokenizer
+    from medadapt.model import load_model
+    from medadapt.model_config import LoraConfig, ModelConfig, load_tokenizer
 
     cuda = torch.cuda.is_available()
     cfg = ModelConfig(name_or_path=ctx["model_dir"], load_in_4bit=True, compute_dtype="float16" if cuda else "float32",

@@ -32,7 +32,8 @@ from scratch import scratch_dir
 from medadapt.eval.generative import GenerationConfig, collate_generate, extract_answer, gen_row, generate
 from medadapt.eval.tasks import load_task
 from medadapt.eval.vllm_backend import build_request, replies_of, run_worker, served_weights, vllm_python
-from medadapt.model import LoraConfig, ModelConfig, load_model, load_tokenizer
+from medadapt.model import load_model
+from medadapt.model_config import LoraConfig, ModelConfig, load_tokenizer
 from medadapt.weights import write_scaled_adapter
 
 WARMUP_TOKENS = 8  # new tokens per warm-up prompt

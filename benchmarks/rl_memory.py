@@ -122,7 +122,8 @@ def main(argv=None) -> dict:
     if args.completions[0] < 2 or args.slope_chunk < 1:
         ap.error("--completions starts at 2 or more (both steps hold the LoRA gradients) and --slope_chunk is >= 1")
     import medadapt.rl.scoring as scoring
-    from medadapt.model import LoraConfig, ModelConfig, load_model
+    from medadapt.model import load_model
+    from medadapt.model_config import LoraConfig, ModelConfig
 
     work = scratch_dir("rl_memory-")
     report: dict = {"arms": {}, "per_layer": {}, "chunk_row": {}}

@@ -22,7 +22,8 @@ import torch
 
 from medadapt.data.packing import collate
 from medadapt.data.reasoning import ReasoningSFTDataModule
-from medadapt.model import LoraConfig, ModelConfig, load_model
+from medadapt.model import load_model
+from medadapt.model_config import LoraConfig, ModelConfig
 from medadapt.module import CausalLMModule
 from scratch import scratch_dir
 

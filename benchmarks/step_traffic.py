@@ -79,7 +79,7 @@ def measure(module, tokens: int) -> dict:
 
 
 def arm_module(model_dir: str, model_over: dict, lora_over: dict):
-    from medadapt.model import LoraConfig, ModelConfig
+    from medadapt.model_config import LoraConfig, ModelConfig
     from medadapt.module import CausalLMModule
     from medadapt.optim import OptimConfig
 

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from medadapt.model import TRAINED_ON, AdapterMismatchError, LoraConfig
+from medadapt.model_config import LoraConfig
+from medadapt.provenance import AdapterMismatchError, TRAINED_ON
 
 
 def checkpoint_record(ckpt_path: str) -> dict:

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 from medadapt.files import write_json
-from medadapt.model import (ModelConfig, add_adapter, check_base_adapter, load_base, load_tokenizer,
-                            read_adapter_metadata, resolve_dtype, resolve_model_config)
+from medadapt.model import add_adapter, load_base
+from medadapt.model_config import ModelConfig, load_tokenizer, resolve_dtype
+from medadapt.provenance import check_base_adapter, read_adapter_metadata, resolve_model_config
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def check_out_dir(out: Path, base: ModelConfig, adapters: list[str], overwrite: 
     ``overwrite``; it is replaced only once the new export is whole (``export``), so a failing export leaves it as
     it was."""
     from medadapt.files import check_output_path
-    from medadapt.model import PACKAGED_MODELS, resolve_model_path
+    from medadapt.model_config import PACKAGED_MODELS, resolve_model_path
 
     check_output_path(out, "--out")
     target = out.resolve()

@@ -23,7 +23,8 @@ from medadapt.attention import VARLEN, flex_bucket
 from medadapt.checkpoints import load_checkpoint
 from medadapt.eval.stage import TestStage
 from medadapt.loss import chunked_cross_entropy
-from medadapt.model import LoraConfig, ModelConfig, unwrapped
+from medadapt.model import unwrapped
+from medadapt.model_config import LoraConfig, ModelConfig
 from medadapt.optim import OptimConfig
 from medadapt.training import AdapterModule, check_finite, grad_norm, rank_zero
 

@@ -21,10 +21,11 @@ import torch
 
 from medadapt.checkpoints import checked_lora, checkpoint_record, record_of
 from medadapt.fingerprint import adapter_digest
-from medadapt.model import (AdapterMismatchError, LoraConfig, ModelConfig, load_model, load_tokenizer,
-                            read_adapter_metadata, resolve_model_config, save_adapter, trained_on,
-                            write_adapter_metadata)
+from medadapt.model import load_model, save_adapter
+from medadapt.model_config import LoraConfig, ModelConfig, load_tokenizer
 from medadapt.optim import OptimConfig, resolve_warmup, use_fused, warmup_cosine
+from medadapt.provenance import (AdapterMismatchError, read_adapter_metadata, resolve_model_config, trained_on,
+                                 write_adapter_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class AdapterModule(L.LightningModule):
         without loading (a hub id offline)."""
         from transformers import AutoConfig
 
-        from medadapt.model import resolve_model_path
+        from medadapt.model_config import resolve_model_path
 
         try:
             config = AutoConfig.from_pretrained(resolve_model_path(self.model_cfg.name_or_path),

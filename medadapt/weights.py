@@ -43,7 +43,9 @@ def write_scaled_adapter(model_cfg, path, rho: float, seed: int = 0, lora=None):
     """Save a LoRA adapter whose update is ``rho`` of each projection's weight in norm, as a fit run saves
     one (PEFT files + medadapt metadata): a controlled stand-in for a trained CPT adapter. Returns the
     resolved model config it was made on."""
-    from medadapt.model import LoraConfig, load_model, resolve_model_config, save_adapter, write_adapter_metadata
+    from medadapt.model import load_model, save_adapter
+    from medadapt.model_config import LoraConfig
+    from medadapt.provenance import resolve_model_config, write_adapter_metadata
 
     cfg = resolve_model_config(model_cfg, None, "", training=True)
     lora = lora or LoraConfig(r=8, alpha=16, dropout=0.0)

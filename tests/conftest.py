@@ -69,7 +69,7 @@ def short_sft_file(tmp_path_factory) -> str:
 
 def tiny_module(model_path: str, *, load_in_4bit: bool = False, dropout: float = 0.0, lr: float = 1e-3,
                 cls=None, **optim):
-    from medadapt.model import LoraConfig, ModelConfig
+    from medadapt.model_config import LoraConfig, ModelConfig
     from medadapt.module import CausalLMModule
     from medadapt.optim import OptimConfig
 
@@ -150,7 +150,7 @@ def evaluate(trained, out, *extra) -> dict:
 def run_test_stage(model_path, tmp_path, **data_kw):
     """The test stage of an unquantized model on the shared benchmark files; results in tmp_path/results."""
     from medadapt.eval.data import BenchmarkDataModule
-    from medadapt.model import ModelConfig
+    from medadapt.model_config import ModelConfig
     from medadapt.module import CausalLMModule
 
     module = CausalLMModule(model=ModelConfig(name_or_path=model_path, load_in_4bit=False, compute_dtype="float32",

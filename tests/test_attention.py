@@ -8,7 +8,8 @@ import torch
 
 from medadapt.attention import VARLEN, cpu_flex_problem, resolve_attention, segment_boundaries
 from medadapt.data.packing import collate
-from medadapt.model import LoraConfig, ModelConfig, load_model
+from medadapt.model import load_model
+from medadapt.model_config import LoraConfig, ModelConfig
 from medadapt.module import CausalLMModule
 
 from .conftest import assert_close_to_scale, random_examples

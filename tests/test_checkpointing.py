@@ -49,7 +49,8 @@ def test_auto_measures_activations_and_decides_by_free_memory(tiny_qwen, short_s
 def test_the_probe_counts_what_backward_keeps(tiny_qwen):
     """Per-token bytes are of the order of the layers' saved activations (a few hidden-size vectors per layer per
     token), exclude the weights, and keep checkpointing off only while measuring."""
-    from medadapt.model import LoraConfig, ModelConfig, load_model
+    from medadapt.model import load_model
+    from medadapt.model_config import LoraConfig, ModelConfig
 
     model = load_model(ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32",
                                    gradient_checkpointing="auto"), LoraConfig(r=8, alpha=16), training=True)

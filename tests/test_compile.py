@@ -8,7 +8,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from medadapt.data.packing import collate
-from medadapt.model import LoraConfig, ModelConfig, is_compiled
+from medadapt.model import is_compiled
+from medadapt.model_config import LoraConfig, ModelConfig
 
 from .conftest import assert_close_to_scale, assert_gradients_close, built_module, random_examples
 

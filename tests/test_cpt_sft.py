@@ -15,8 +15,10 @@ import torch
 
 from medadapt.commands import multistep
 from medadapt.merge import export
-from medadapt.model import LoraConfig, ModelConfig, load_model, write_adapter_metadata
+from medadapt.model import load_model
+from medadapt.model_config import LoraConfig, ModelConfig
 from medadapt.module import CausalLMModule
+from medadapt.provenance import write_adapter_metadata
 
 from medadapt.weights import kept_share, projection_weights, relative_size, write_scaled_adapter
 

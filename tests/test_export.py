@@ -9,7 +9,8 @@ import torch
 
 from medadapt.commands.export import main as export_main
 from medadapt.merge import export
-from medadapt.model import LoraConfig, ModelConfig, load_model
+from medadapt.model import load_model
+from medadapt.model_config import LoraConfig, ModelConfig
 
 from .conftest import assert_close_to_scale
 

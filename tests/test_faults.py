@@ -47,7 +47,7 @@ def test_resuming_fit_exports_where_the_command_line_says(trained, short_sft_fil
 
 
 def test_a_checkpoint_with_another_lora_shape_or_base_is_an_error(trained, tiny_llama, tmp_path):
-    from medadapt.model import AdapterMismatchError
+    from medadapt.provenance import AdapterMismatchError
 
     with pytest.raises(AdapterMismatchError, match=r"different LoRA: r=4 \(config: 8\)"):
         evaluate(trained, tmp_path / "a", "--ckpt_path", str(trained["ckpt"]),
@@ -79,7 +79,7 @@ def test_checkpoint_urls_are_refused_before_anything_is_fetched(trained, tmp_pat
 
 
 def test_an_adapter_made_for_another_base_is_an_error(trained, tmp_path, tiny_llama):
-    from medadapt.model import AdapterMismatchError
+    from medadapt.provenance import AdapterMismatchError
 
     with pytest.raises(AdapterMismatchError, match="was trained on base model"):
         evaluate({**trained, "base": tiny_llama}, tmp_path / "a", "--model.init_adapter", str(trained["adapter"]))
@@ -90,7 +90,8 @@ def test_an_adapter_made_for_another_base_is_an_error(trained, tmp_path, tiny_ll
     with pytest.raises(AdapterMismatchError, match="was trained on base model"):
         evaluate({**trained, "base": tiny_llama}, tmp_path / "b", "--model.init_adapter", str(plain))
     # an adapter that names this base but has layers it lacks: every tensor must find its layer (peft warns)
-    from medadapt.model import LoraConfig, ModelConfig, load_model
+    from medadapt.model import load_model
+    from medadapt.model_config import LoraConfig, ModelConfig
 
     deeper = ModelConfig(name_or_path=str(build_tiny_model(tmp_path / "deeper", layers=3)), compute_dtype="float32")
     load_model(deeper, LoraConfig(r=4, alpha=8), training=False).save_pretrained(tmp_path / "deep-adapter")
@@ -271,7 +272,7 @@ def test_unreadable_sft_files_name_the_file_and_the_place(tmp_path, name, conten
 
 
 def test_model_names_that_cannot_load_say_why(tmp_path, monkeypatch):
-    from medadapt.model import ModelConfig, ModelNotFoundError, load_tokenizer
+    from medadapt.model_config import ModelConfig, ModelNotFoundError, load_tokenizer
 
     with pytest.raises(ModelNotFoundError, match="model folder /nonexistent/models/r1 does not exist"):
         load_tokenizer(ModelConfig(name_or_path="/nonexistent/models/r1"))
@@ -296,7 +297,7 @@ def fake_fit(seed_box: list):
     def launch(args, log_file=None):
         import yaml as _yaml
 
-        from medadapt.model import ModelConfig
+        from medadapt.model_config import ModelConfig
         from medadapt.weights import write_scaled_adapter
 
         cfg = _yaml.safe_load(open(args[args.index("--config") + 1]))
@@ -344,7 +345,8 @@ def test_multistep_reuses_a_stage_only_when_its_content_is_unchanged(tiny_qwen, 
 
 def test_an_adapter_is_refused_when_what_it_was_trained_on_changed(tiny_qwen, tmp_path, monkeypatch):
     """Base adapters by digest, the base by content, a stacked adapter never without its record."""
-    from medadapt.model import AdapterMismatchError, ModelConfig
+    from medadapt.model_config import ModelConfig
+    from medadapt.provenance import AdapterMismatchError
     from medadapt.weights import write_scaled_adapter
 
     monkeypatch.setenv("MEDADAPT_CACHE", str(tmp_path / "cache"))
@@ -418,7 +420,7 @@ def test_a_resume_onto_other_data_or_past_its_schedule_says_so(trained, short_sf
 
 
 def test_an_adapter_with_a_checkpoint_not_trained_from_it_is_refused(trained, tmp_path):
-    from medadapt.model import AdapterMismatchError
+    from medadapt.provenance import AdapterMismatchError
 
     with pytest.raises(AdapterMismatchError, match="was not trained from adapter"):
         evaluate(trained, tmp_path / "r", "--model.init_adapter", str(trained["adapter"]), "--ckpt_path",
@@ -472,7 +474,7 @@ def test_sigterm_stops_the_running_stage_and_marks_nothing_done(trained, short_s
 
 def test_export_never_writes_into_what_it_reads_and_clears_what_it_replaces(tiny_qwen, tmp_path, monkeypatch):
     from medadapt.commands.export import main as export_main
-    from medadapt.model import ModelConfig
+    from medadapt.model_config import ModelConfig
     from medadapt.weights import write_scaled_adapter
 
     monkeypatch.setenv("MEDADAPT_CACHE", str(tmp_path / "cache"))
@@ -622,7 +624,8 @@ def test_unreadable_records_name_their_file(trained, tmp_path):
     from medadapt.checkpoints import checkpoint_record
     from medadapt.eval.compare import load_run
     from medadapt.files import UnreadableFileError
-    from medadapt.model import ModelConfig, load_model
+    from medadapt.model import load_model
+    from medadapt.model_config import ModelConfig
 
     adapter = tmp_path / "a"
     shutil.copytree(trained["adapter"], adapter)

@@ -19,7 +19,7 @@ import torch
 
 from medadapt.cli import main as cli
 
-from .conftest import DATA, REPO, evaluate, sft_stage, tiny_trainer
+from .conftest import REPO, evaluate, sft_stage, tiny_trainer
 
 
 # ---- non-finite numbers stop everything ---------------------------------------------------------------------------
@@ -143,7 +143,9 @@ def test_a_file_swapped_for_same_size_bytes_with_its_mtime_restored_gets_a_new_d
 def test_a_copied_stacked_adapter_without_its_record_is_refused_as_a_base_adapter(tiny_qwen, tmp_path, monkeypatch):
     """SILENT 4: a copied SFT adapter whose medadapt_adapter.json was deleted was stacked alone, dropping the CPT
     adapter it was trained on. And a packaged name and its converted folder are one model."""
-    from medadapt.model import AdapterMismatchError, LoraConfig, ModelConfig, load_model, same_model
+    from medadapt.model import load_model
+    from medadapt.model_config import LoraConfig, ModelConfig
+    from medadapt.provenance import AdapterMismatchError, same_model
     from medadapt.weights import write_scaled_adapter
 
     base = ModelConfig(name_or_path=tiny_qwen, load_in_4bit=False, compute_dtype="float32", base_adapters=[])
@@ -281,7 +283,7 @@ def test_overwrite_replaces_an_export_only_once_the_new_one_is_whole(tiny_qwen, 
     empty. Now the old export stays until the new one is written."""
     from medadapt.commands.export import main as export_main
     from medadapt.files import UnreadableFileError
-    from medadapt.model import ModelConfig
+    from medadapt.model_config import ModelConfig
     from medadapt.weights import write_scaled_adapter
 
     out = tmp_path / "exported"

@@ -14,6 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medadapt"
 #: a module may import from its own layer and the layers below it
 LAYERS = {
     "medadapt.console": 0,
+    "medadapt.model_config": 0,
+    "medadapt.provenance": 0,
     "medadapt.model": 0,
     "medadapt.optim": 0,
     "medadapt.loss": 0,

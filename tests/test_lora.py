@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medadapt.model import LoraConfig, ModelConfig, load_model
+from medadapt.model import load_model
+from medadapt.model_config import LoraConfig, ModelConfig
 
 from .conftest import assert_close_to_scale, assert_gradients_close
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from medadapt.data.packing import IGNORE_INDEX, collate
 from medadapt.loss import chunked_cross_entropy
-from medadapt.model import LoraConfig, ModelConfig, load_model
+from medadapt.model import load_model
+from medadapt.model_config import LoraConfig, ModelConfig
 
 from .conftest import assert_close_to_scale, random_examples
 

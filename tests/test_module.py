@@ -136,7 +136,7 @@ def test_cpt_trains_embeddings_and_head_at_their_own_learning_rate(tiny_qwen, tm
     """lora.modules_to_save + optim.embedding_lr: embeddings and LM head train in full, in their own
     parameter group (Unsloth's CPT recipe), next to the LoRA tensors at the main learning rate."""
     from medadapt.data.textbooks import TextbooksDataModule
-    from medadapt.model import LoraConfig, ModelConfig
+    from medadapt.model_config import LoraConfig, ModelConfig
     from medadapt.optim import OptimConfig
 
     from .conftest import DATA

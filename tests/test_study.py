@@ -120,7 +120,8 @@ def test_study_end_to_end_then_reuses_everything(tiny_qwen, short_sft_file, tmp_
     assert ckpt["medadapt"]["base"]["base_adapters"] == stage_two["base_adapters"]
     evaluated = json.loads((work / "results" / "cpt_sft" / "results.json").read_text())["model"]
     assert evaluated["base_adapters"] == stage_two["base_adapters"] and evaluated["load_in_4bit"] is True
-    from medadapt.model import ModelConfig, load_model
+    from medadapt.model import load_model
+    from medadapt.model_config import ModelConfig
 
     x = torch.randint(0, 5000, (1, 16))
     nf4 = ModelConfig(name_or_path=tiny_qwen, load_in_4bit=True, compute_dtype="float32", gradient_checkpointing=False)

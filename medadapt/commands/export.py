@@ -35,7 +35,8 @@ def build_parser():
 
 def main(argv: list[str]) -> None:
     from medadapt.merge import export
-    from medadapt.model import ModelConfig, read_adapter_metadata
+    from medadapt.model_config import ModelConfig
+    from medadapt.provenance import read_adapter_metadata
 
     args = build_parser().parse_args(argv)
     foreign = bool(args.adapter) and read_adapter_metadata(args.adapter)["foreign"]

@@ -102,7 +102,8 @@ def stage_fingerprint(stage: Stage, cfg: dict) -> dict:
     """What a stage trains on, by content: its resolved config and arguments, the base model's identity, each base
     adapter's digest and each local data file's digest (from the config or the arguments)."""
     from medadapt.fingerprint import adapter_digest, digest_value, file_digest
-    from medadapt.model import ModelConfig, base_identity
+    from medadapt.model_config import ModelConfig
+    from medadapt.provenance import base_identity
 
     model = model_args(dict(cfg, model=dict(cfg.get("model") or {}))).get("model") or {}
     name = model.get("name_or_path") or ModelConfig.name_or_path

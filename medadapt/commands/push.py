@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from medadapt.files import read_json, write_json
-from medadapt.model import ADAPTER_METADATA
+from medadapt.provenance import ADAPTER_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def scored_results(folders: list[str], adapter: Path, merged: Optional[Path]) ->
     the adapter by digest, or the merged folder."""
     from medadapt.eval.compare import load_run
     from medadapt.fingerprint import adapter_digest
-    from medadapt.model import same_model
+    from medadapt.provenance import same_model
 
     digest, out = adapter_digest(adapter), []
     for folder in folders:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from medadapt.model import LoraConfig, ModelConfig
+from medadapt.model_config import LoraConfig, ModelConfig
 from medadapt.rag.config import IndexConfig, RetrievalConfig
 from medadapt.rag.corpus import CorpusConfig
 

@@ -130,7 +130,7 @@ def scored_fingerprint(adapter: Optional[str], shared: Optional[str], eval_confi
     under it), the local benchmark files, the eval config's content (its tasks, limit, protocol: the command names it
     only by path), and for a RAG arm the index it retrieves from (its manifest: what was embedded, by what)."""
     from medadapt.fingerprint import adapter_digest, file_digest, files_digest
-    from medadapt.model import read_adapter_metadata
+    from medadapt.provenance import read_adapter_metadata
 
     out: dict = {"adapter": None, "trained_on": None, "benchmarks": None,
                  "eval_config": file_digest(eval_config) if eval_config and Path(eval_config).is_file() else None}

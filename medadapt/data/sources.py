@@ -176,6 +176,6 @@ def named_tokenizer(name: Optional[str], owner: str):
     if name is None:
         raise ValueError(f"{owner} has no tokenizer: the run connects the model's (data.connect(tokenizer)), "
                          "or set data.tokenizer to a tokenizer name or folder")
-    from medadapt.model import ModelConfig, load_tokenizer
+    from medadapt.model_config import ModelConfig, load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path=name))

@@ -14,7 +14,8 @@ from dataclasses import asdict
 import torch
 
 from medadapt.fingerprint import adapter_digest
-from medadapt.model import save_adapter, write_adapter_metadata
+from medadapt.model import save_adapter
+from medadapt.provenance import write_adapter_metadata
 
 
 class TestStage:
@@ -82,7 +83,7 @@ class TestStage:
         import tempfile
 
         from medadapt.eval import vllm_backend
-        from medadapt.model import resolve_dtype
+        from medadapt.model_config import resolve_dtype
 
         if self.trainer.world_size > 1:
             raise RuntimeError("generation.backend: vllm runs on one process; use generation.tensor_parallel_size or "

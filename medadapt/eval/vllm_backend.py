@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 from medadapt.eval.generative import FORCED_ANSWER, GenerationConfig, GenRow, Reply
-from medadapt.model import ModelConfig, cache_dir, resolve_model_path
+from medadapt.files import cache_dir
+from medadapt.model_config import ModelConfig, resolve_model_path
 
 log = logging.getLogger(__name__)
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -62,7 +63,7 @@ def vllm_python(configured: Optional[str] = None) -> str:
 def _fingerprint(cfg: ModelConfig, adapter: Optional[str], dtype: str) -> str:
     """The merged folder's cache key: what it is made of, by content (base model, every adapter), not by path."""
     from medadapt.fingerprint import adapter_digest, digest_value
-    from medadapt.model import base_identity
+    from medadapt.provenance import base_identity
 
     return digest_value([asdict(replace(cfg, base_adapters=[])), base_identity(cfg), dtype,
                          [adapter_digest(p) for p in [*cfg.base_adapters, *([adapter] if adapter else [])]]])[:16]

@@ -32,8 +32,9 @@ from typing import Optional
 
 import torch
 
-from medadapt.model import LoraConfig, ModelConfig, read_adapter_metadata
+from medadapt.model_config import LoraConfig, ModelConfig
 from medadapt.optim import OptimConfig
+from medadapt.provenance import read_adapter_metadata
 from medadapt.rl.grpo import GRPOConfig, group_advantages, grpo_terms, importance_weights, normaliser
 from medadapt.rl.rollout import Clock, Completion, Sampling, reward
 from medadapt.rl.sampler import PolicySampler

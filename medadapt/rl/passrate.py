@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def pass_rate_key(module, rows: list, sampling: Sampling, samples: int) -> str:
     """The cache key: every question's prompt, the model being sampled, and how it is sampled."""
-    from medadapt.model import trained_on
+    from medadapt.provenance import trained_on
 
     questions = [[r.item.task, r.item.id, r.item.gold, r.input_ids] for r in rows]
     return digest_value([questions, trained_on(module.resolved_model_cfg), module.init_adapter_digest,

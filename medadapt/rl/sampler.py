@@ -62,7 +62,7 @@ class PolicySampler:
         """The rank's vLLM engine, started once."""
         if self.server is None:
             from medadapt.eval import vllm_backend
-            from medadapt.model import resolve_dtype
+            from medadapt.model_config import resolve_dtype
 
             module, cfg = self.module, self.cfg
             dtype = str(resolve_dtype(module.resolved_model_cfg.compute_dtype)).removeprefix("torch.")

@@ -51,7 +51,7 @@ def test_every_layout_gives_the_same_items(tmp_path):
 @pytest.mark.parametrize("mode", ["loglikelihood", "generate"])
 def test_custom_tasks_run_in_both_modes_and_are_named_in_results(tiny_qwen, tmp_path, mode):
     from medadapt.eval.data import BenchmarkDataModule
-    from medadapt.model import ModelConfig
+    from medadapt.model_config import ModelConfig
     from medadapt.module import CausalLMModule
 
     tasks = layouts(tmp_path)[:2]

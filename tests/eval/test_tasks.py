@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from medadapt.eval.tasks import MMLU_SUBJECTS, MalformedItemError, load_task, select
+from medadapt.eval.tasks import MalformedItemError, load_task, select
 
 from ..conftest import DATA
 

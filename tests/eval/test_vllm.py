@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from medadapt.eval.vllm_backend import VLLMUnavailableError, served_weights, vllm_python
-from medadapt.model import LoraConfig, ModelConfig
+from medadapt.model_config import LoraConfig, ModelConfig
 
 from ..conftest import DATA, assert_close_to_scale
 
@@ -154,7 +154,7 @@ def test_sampled_generation_on_cpu_survives_prompts_that_outgrow_one_step(monkey
     from medadapt.eval import vllm_backend
     from medadapt.eval.generative import GenerationConfig, gen_row
     from medadapt.eval.tasks import load_task, select
-    from medadapt.model import load_tokenizer
+    from medadapt.model_config import load_tokenizer
 
     have_vllm(monkeypatch)
     cfg = ModelConfig(name_or_path=SMOL, compute_dtype="float32", load_in_4bit=False, base_adapters=[])

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import medadapt.rl.module as rl_module_code
-from medadapt.model import LoraConfig, ModelConfig
+from medadapt.model_config import LoraConfig, ModelConfig
 from medadapt.optim import OptimConfig
 from medadapt.rl.data import VerifiableQADataModule
 from medadapt.rl.grpo import GRPOConfig
@@ -279,7 +279,7 @@ def test_what_would_train_the_wrong_thing_is_refused(tiny_qwen, tmp_path):
 def test_an_rl_adapter_can_be_continued(tiny_qwen, tmp_path, monkeypatch, short_questions):
     """The exported RL adapter says it was trained by RL, so a later run may continue it (its reference stays base +
     the stacked adapters)."""
-    from medadapt.model import read_adapter_metadata
+    from medadapt.provenance import read_adapter_metadata
 
     module, _ = run(tiny_qwen, tmp_path / "a", 1, short_questions, monkeypatch, parity)
     folder = tmp_path / "a" / "adapter"

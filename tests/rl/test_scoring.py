@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from medadapt.eval.generative import left_pad, sampling_kwargs
-from medadapt.model import LoraConfig, ModelConfig, load_model
+from medadapt.model import load_model
+from medadapt.model_config import LoraConfig, ModelConfig
 from medadapt.rl.scoring import collate_scoring, completion_logprobs, reference_policy
 
 from ..conftest import assert_close_to_scale, assert_gradients_close

@@ -92,7 +92,8 @@ def trl_gradients(model_dir, tokenizer, rollout, *, loss_type, scale_rewards, te
 
 def medadapt_gradients(model_dir, rollout, start: dict, cfg: GRPOConfig, micro: int = 3):
     """medadapt's path on the same rollout from the same LoRA: gradients at each of μ optimizer steps."""
-    from medadapt.model import LoraConfig, ModelConfig, load_model
+    from medadapt.model import load_model
+    from medadapt.model_config import LoraConfig, ModelConfig
 
     prompts, completions, rewards = rollout
     model = load_model(ModelConfig(name_or_path=model_dir, load_in_4bit=False, compute_dtype="float32",
