@@ -10,7 +10,8 @@ for the shared o1 sample (its real lengths under the R1 tokenizer, through the r
 plugin (bf16-mixed autocast), packing, the chunked loss, fused AdamW, clipping, as ``fit`` runs them. Arms:
 
   seed-trainer  transformers.Trainer itself with the seed's TrainingArguments (fp16, batch 2 x accumulation 4,
-                adamw_torch_fused, padded batches, gradient checkpointing) on the same 4-bit LoRA model
+                adamw_torch_fused, padded batches, gradient checkpointing) on the seed's 4-bit LoRA model (PEFT's
+                fp32 upcast and LoRA forward, sdpa, not compiled: ``seed_configs``)
   sft.yaml      configs/sft.yaml as shipped: every ``auto`` (attention, checkpointing, Liger, compile), bf16 frozen
                 base, medadapt's LoRA forward, padding-free varlen rows, 3 rows x 1 (right after the seed arm)
   issue-19      the defaults before issue 26: fp32 frozen base, PEFT's LoRA forward, no compilation
@@ -226,18 +227,30 @@ def packed_vs_alone(module, data) -> float:
     return worst / max(scale, 1e-30)
 
 
+def seed_configs(model_dir: str, cuda: bool):
+    """The seed's model, stated field by field rather than taken from medadapt's defaults: nf4 with double
+    quantization, PEFT's ``prepare_model_for_kbit_training`` (frozen weights upcast to fp32), PEFT's LoRA forward
+    (r16, α32, dropout 0.05, all linear), no compiled layers, sdpa with gradient checkpointing, no Liger; fp16 compute
+    on CUDA (the seed ran fp16 on a P100). An arm built on the defaults would time issue 26's levers as the seed's."""
+    from medadapt.model_config import LoraConfig, ModelConfig
+
+    model = ModelConfig(name_or_path=model_dir, load_in_4bit=True, quant_type="nf4", double_quant=True,
+                        compute_dtype="float16" if cuda else "float32", attn_implementation="sdpa",
+                        gradient_checkpointing=True, liger=False, frozen_dtype="float32", compile=False)
+    return model, LoraConfig(r=16, alpha=32, dropout=0.05, target_modules="all-linear", fused=False)
+
+
 def seed_trainer_arm(ctx: dict) -> dict:
-    """transformers.Trainer with the seed's TrainingArguments, padded micro-batches of 2, on medadapt's 4-bit LoRA
-    model (the seed ran fp16 on a P100: compute dtype float16 with the fp16 grad scaler)."""
+    """transformers.Trainer with the seed's TrainingArguments, padded micro-batches of 2, on the seed's 4-bit LoRA
+    model (``seed_configs``; the seed ran fp16 on a P100: compute dtype float16 with the fp16 grad scaler)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from medadapt.data.reasoning import ReasoningSFTDataModule
     from medadapt.model import load_model
-    from medadapt.model_config import LoraConfig, ModelConfig, load_tokenizer
+    from medadapt.model_config import load_tokenizer
 
     cuda = torch.cuda.is_available()
-    cfg = ModelConfig(name_or_path=ctx["model_dir"], load_in_4bit=True, compute_dtype="float16" if cuda else "float32",
-                      attn_implementation="sdpa", gradient_checkpointing=True, liger=False)
+    cfg, lora = seed_configs(ctx["model_dir"], cuda)
     tok = load_tokenizer(cfg)
     data = ReasoningSFTDataModule(data_files=ctx["sft"], max_rows=None, val_fraction=0.0, pack=False,
                                   max_length=ctx["seq"], truncate=ctx["truncate"])
@@ -245,7 +258,7 @@ def seed_trainer_arm(ctx: dict) -> dict:
     data.setup("fit")
     examples = [row[0] for row in data.train_rows.rows]
     torch.manual_seed(4242)
-    model = load_model(cfg, LoraConfig(r=16, alpha=32, dropout=0.05), training=True)
+    model = load_model(cfg, lora, training=True)
     tokens: list[int] = []  # per micro-batch, in the order the collator made them
 
     def collate(features):

@@ -69,6 +69,39 @@ def test_every_fit_speed_arm_parses_over_the_shipped_config(monkeypatch, tmp_pat
                 name, key, node)
 
 
+def test_the_seed_arm_builds_the_seed_s_model_not_medadapt_s_defaults(tiny_qwen):
+    """The seed's Trainer arm must time the seed's model: every setting the issue-19 arm undoes (issue 26's levers)
+    at the seed's value on CPU and CUDA, whatever medadapt's defaults become; and the built model really is PEFT's
+    (fp32-upcast frozen weights under a bf16 compute dtype, PEFT's LoRA forward, eager layers). Built on the
+    defaults, it had been timing the bf16 base, medadapt's LoRA forward and (on CUDA) compiled layers as the seed."""
+    import dataclasses
+
+    import torch
+
+    from medadapt.model import is_compiled, load_model
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import fit_speed
+
+    undone = dict(zip(*[iter(fit_speed.arm_plan(cuda=True)["issue-19"][0])] * 2))
+    assert undone, "the issue-19 arm undoes nothing"
+    for cuda in (False, True):
+        model, lora = fit_speed.seed_configs("m", cuda)
+        for key, value in undone.items():
+            section, field = key.removeprefix("--model.").split(".")
+            got = getattr(model if section == "model" else lora, field)
+            assert str(got).lower() == value, (cuda, key, got)
+        assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (16, 32, 0.05, "all-linear")
+        assert (model.load_in_4bit, model.quant_type, model.double_quant, model.liger) == (True, "nf4", True, False)
+        assert model.compute_dtype == ("float16" if cuda else "float32")
+    model, lora = fit_speed.seed_configs(tiny_qwen, cuda=False)
+    built = load_model(dataclasses.replace(model, compute_dtype="bfloat16"), lora, training=True)
+    assert not is_compiled(built)
+    assert not [n for n, m in built.named_modules() if hasattr(m, "_medadapt_group")], "medadapt's LoRA forward"
+    frozen = {p.dtype for p in built.parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen == {torch.float32}, frozen  # PEFT's prepare_model_for_kbit_training upcast
+
+
 def test_a_benchmark_s_scratch_folder_goes_when_its_process_ends(tmp_path):
     """The benchmarks build random-weight models of 1-4 GB in temporary folders: each is removed when the process that
     made it exits (and not before: gpu_check tests the adapter fit_speed exported there)."""
