@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 
 from .conftest import REPO
@@ -80,3 +81,19 @@ def test_the_allocator_count_sees_the_temporaries_inside_an_op_that_live_bytes_c
             del y
             z.mul_(3)
         assert 2 * x.numel() * 4 <= c.peak <= 2 * x.numel() * 4 + 64  # (+ the allocator's scalars for 2, 1, 3)
+
+
+def test_the_seed_s_padding_is_priced_over_every_pair_of_examples():
+    """step_traffic's seed row: the closed form equals padding every pair of examples to the longer, one by one."""
+    import itertools
+    import random
+
+    from step_traffic import pair_padding
+
+    rng = random.Random(3)
+    lengths = [rng.randint(50, 2048) for _ in range(37)]
+    pairs = list(itertools.combinations(lengths, 2))
+    brute = sum(2 * max(a, b) for a, b in pairs) / sum(a + b for a, b in pairs)
+    assert pair_padding(lengths) == pytest.approx(brute, rel=1e-12)
+    assert pair_padding([100, 100, 100]) == 1.0 and pair_padding([1, 3]) == 1.5
+
