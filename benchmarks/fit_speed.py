@@ -14,7 +14,8 @@ plugin (bf16-mixed autocast), packing, the chunked loss, fused AdamW, clipping, 
                 fp32 upcast and LoRA forward, sdpa, not compiled: ``seed_configs``)
   sft.yaml      configs/sft.yaml as shipped: every ``auto`` (attention, checkpointing, Liger, compile), bf16 frozen
                 base, medadapt's LoRA forward, padding-free varlen rows, 3 rows x 1 (right after the seed arm)
-  issue-19      the defaults before issue 26: fp32 frozen base, PEFT's LoRA forward, no compilation
+  issue-19      issue 26's settings set back: fp32 frozen base, PEFT's LoRA forward, no compilation (its changes
+                that are not settings stay: the loss's head twice per chunk, padding-free rows, no host syncs)
   fp32-frozen, peft-lora, no-compile, dropout0   that one of issue 26's levers undone (or, dropout0, added) alone
   sdpa          the attention lever baseline: sdpa, checkpointing on, 1 row x 3, no Liger
   varlen, flash_attention_2, flex_attention   that attention alone (the last two where they run)
