@@ -96,7 +96,15 @@ MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "_scaled_dot_product_flash
            "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_flash_attention",
            "_scaled_dot_product_flash_attention_backward", "_flash_attention_forward", "_flash_attention_backward",
            "_efficient_attention_forward", "_efficient_attention_backward", "_scaled_dot_product_cudnn_attention",
-           "_scaled_dot_product_cudnn_attention_backward"}
+           "_scaled_dot_product_cudnn_attention_backward",
+           "gemm_4bit", "gemv_4bit"}  # bitsandbytes' 4-bit weight x activation (its forward on every device)
+#: ops that move no bytes: views autograd does not mark as views, and allocations (memory handed out, not written)
+NO_TRAFFIC = {"detach", "alias", "lift_fresh", "_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty",
+              "new_empty_strided"}
+#: ops that write their first argument (in place) or a new tensor shaped like it without reading it: only the
+#: written bytes and any other tensor inputs count (copy_'s source, a probability tensor)
+OVERWRITE = {"copy_", "fill_", "zero_", "bernoulli_", "uniform_", "normal_", "random_", "exponential_",
+             "zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "new_zeros", "new_ones", "new_full"}
 #: ops that read only the elements an index picks (not their whole input): counted as the picked elements read and
 #: written, plus the indices
 PICK = {"gather", "index", "index_select", "embedding", "take"}
@@ -122,7 +130,7 @@ class Traffic(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name not in MATMULS and not func.is_view and name not in ("detach", "alias", "lift_fresh"):
+        if name not in MATMULS and not func.is_view and name not in NO_TRAFFIC:
             moved = moved_bytes(name, args, kwargs, out)
             self.bytes, self.ops = self.bytes + moved, self.ops + 1
             self.by_op[name] += moved
@@ -131,11 +139,13 @@ class Traffic(TorchDispatchMode):
 
 def moved_bytes(name: str, args, kwargs, out) -> int:
     """Bytes an op reads and writes: its tensor inputs and outputs, except for ops that touch only indexed
-    elements (``PICK``, ``PLACE``), which would otherwise count a whole tensor for a few rows, and composite ops
-    whose hidden passes the mode cannot see (``PASSES``)."""
+    elements (``PICK``, ``PLACE``), which would otherwise count a whole tensor for a few rows, ops that overwrite
+    without reading (``OVERWRITE``), and composite ops whose hidden passes the mode cannot see (``PASSES``)."""
     inputs = {k: v for k, v in (kwargs or {}).items() if k != "out"}  # an out= tensor is written, not read
     tensors = [t for t in tree_flatten((args, inputs))[0] if isinstance(t, torch.Tensor)]
     written = sum(nbytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+    if name in OVERWRITE:
+        return written + sum(nbytes(t) for t in tree_flatten((args[1:], inputs))[0] if isinstance(t, torch.Tensor))
     index = sum(nbytes(t) for t in tensors if not t.is_floating_point())
     if name in PICK:
         return index + 2 * written

@@ -14,7 +14,10 @@ DeepSeek-R1-Distill-Qwen-1.5B's layer width (hidden 1,536, MLP 8,960, 12 / 2 hea
 and 2 decoder layers; activation checkpointing off (what a layer saves). Per token per layer = the difference
 over two layer counts and two token counts (128 and 256 in one packed row), so the embedding, the LM head and
 every per-call cost (weight dequantization, casts of LoRA weights) cancel; what the LM head and the loss move per
-token (the 1-layer slope less one layer) is printed beside it.
+token (the 1-layer slope less one layer) is printed beside it, and a layer's per-call bytes (spread over a
+micro-batch's tokens: at sft.yaml's 6,144 a few percent of the per-token figure, and outside the H100 lines).
+What counts as traffic is ``byte_counts.Traffic``'s (tested in tests/test_byte_counts.py): matmuls, bitsandbytes'
+4-bit matmul included, count nothing; views and allocations nothing; fills and copies what they write.
 
 Arms, each one setting a user has, with ratios to the issue-19 defaults measured in the same run:
   issue-19     model.frozen_dtype: float32 (PEFT's upcast) + lora.fused: false (PEFT's forward), dropout 0.05
@@ -198,13 +201,14 @@ def main(argv=None) -> dict:
         by_op = Counter({k: (runs[2, t2]["by_op"][k] - runs[2, t1]["by_op"][k] - runs[1, t2]["by_op"][k]
                              + runs[1, t1]["by_op"][k]) / (t2 - t1) for k in runs[2, t2]["by_op"]})
         head = (runs[1, t2]["bytes"] - runs[1, t1]["bytes"]) / (t2 - t1) - per("bytes")
+        call = runs[2, t1]["bytes"] - runs[1, t1]["bytes"] - t1 * per("bytes")  # a layer's cost per forward + backward
         report[name] = {"bytes_per_token_layer": per("bytes"), "saved_per_token_layer": per("saved"),
-                        "head_bytes_per_token": head, "positions_per_token": 1.0,
+                        "head_bytes_per_token": head, "call_bytes_per_layer": call, "positions_per_token": 1.0,
                         "ops_per_layer": ops, "top_ops": dict(by_op.most_common(12))}
         if name == SEED:
             report[name]["positions_per_token"] = seed_padding(build_model(1, work), args.sft)
         print(f"  {name:12s} {per('bytes') / 1e6:5.2f} MB  {per('saved') / 1024:6.1f} KiB saved  {ops} ops per layer;"
-              f"  LM head + loss {head / 1e6:.2f} MB per token", flush=True)
+              f"  LM head + loss {head / 1e6:.2f} MB per token; {call / 1e6:.0f} MB per layer per call", flush=True)
         if args.breakdown:
             print("      " + ", ".join(f"{k} {v / 1e3:.0f} kB" for k, v in by_op.most_common(10)))
     base = report.get("issue-19")

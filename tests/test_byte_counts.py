@@ -33,6 +33,35 @@ def test_elementwise_ops_count_what_they_read_and_write():
     assert counted(lambda x, t: x @ x.t()) == 0  # matmuls are not elementwise traffic
 
 
+def test_ops_that_move_nothing_or_only_write_count_no_reads():
+    """A reshape autograd does not call a view, an allocation, a fill, a random fill in place (dropout's mask), a
+    copy into existing memory: none reads what it writes over."""
+    y = torch.randn(ROWS, VOCAB)  # made outside the count
+    assert counted(lambda x, t: torch.ops.aten._unsafe_view(x, (VOCAB, ROWS))) == 0
+    assert counted(lambda x, t: torch.empty_like(x)) == 0
+    assert counted(lambda x, t: torch.zeros_like(x)) == FULL
+    assert counted(lambda x, t: x.bernoulli_(0.5)) == FULL
+    assert counted(lambda x, t: x.copy_(y)) == 2 * FULL  # read y, write x
+
+
+def test_a_4bit_matmul_is_a_matmul():
+    """bitsandbytes' 4-bit forward (gemm_4bit: weight x activation in one op, CPU and CUDA alike) is matmul work, as
+    mm is; only its backward's dequantization (once per call) is traffic."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(64, 128, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.load_state_dict(torch.nn.Linear(64, 128, bias=False).state_dict())
+    layer = layer.to("cpu")
+    x = torch.randn(32, 64, requires_grad=True)
+    with Traffic() as forward:
+        y = layer(x)
+    assert forward.bytes == 0, dict(forward.by_op)
+    grad = torch.ones_like(y)
+    with Traffic() as backward:
+        y.backward(grad)
+    assert backward.by_op["dequantize_4bit"] >= 128 * 64 * 4, dict(backward.by_op)  # the float32 weight, written
+
+
 def test_indexed_ops_count_the_elements_they_touch_not_whole_tensors():
     """Picking each row's target logit, or subtracting one-hot there, touches one element per row."""
     rows, ones, first = torch.arange(ROWS), torch.ones(ROWS), torch.arange(8)  # made outside the count
