@@ -34,7 +34,9 @@ steps; the ratio to seed-trainer; the loss of each optimizer step. Every medadap
 the same first rows, so its first loss must equal sft.yaml's within bf16 noise (``LOSS_RTOL``; the seed's
 Trainer sees other examples per step and weighs them per micro-batch: its loss is shown, not compared). Each
 attention arm also checks, after its run, that a packed example's logits equal the example's alone through
-sdpa (``packed_max_rel``): an arm that disagrees computes something else.
+sdpa (``packed_max_rel``): an arm that disagrees computes something else. Where layers are compiled, what
+compilation did (``compile_watch.py``: graphs, graph breaks, and any recompile-limit hit, after which dynamo runs
+the layers eager and the arm no longer times compiled layers).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO)]
+from compile_watch import CompileWatch  # noqa: E402
 from scratch import scratch_dir  # noqa: E402
 SHARED = REPO.parent / "shared"
 
@@ -178,17 +181,20 @@ def medadapt_arm(ctx: dict, overrides: list[str], attention: str | None) -> dict
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from medadapt.cli import build_cli
+    from medadapt.model import is_compiled
 
     work = Path(tempfile.mkdtemp(dir=ctx["tmp"]))
     cli = build_cli(arm_args(ctx, work, overrides), run=False)
     trainer, module = cli.trainer, cli.model
     clock = make_clock(ctx["warmup"])
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)] + [clock]
-    trainer.fit(module, datamodule=cli.datamodule)
+    with CompileWatch() as watch:
+        trainer.fit(module, datamodule=cli.datamodule)
     result = {"tokens_per_s": clock.tokens / clock.seconds, "peak_gib": clock.peak, "losses": clock.losses,
               "attention": module.model.get_base_model().config._attn_implementation,
               "checkpointing": module.model.get_base_model().is_gradient_checkpointing,
-              "micro_batch_rows": cli.datamodule.batch_size, "accumulation": trainer.accumulate_grad_batches}
+              "micro_batch_rows": cli.datamodule.batch_size, "accumulation": trainer.accumulate_grad_batches,
+              "compile": {"compiled": is_compiled(module.model), **watch.report()}}
     if (work / "adapter" / "adapter_config.json").exists():
         result["adapter"] = str(work / "adapter")  # the test stage of gpu_check scores it
     if attention is not None:
@@ -455,7 +461,8 @@ def summarize_arm(name: str, r: dict, report: dict) -> None:
     print(f"  {name:18s} {r['tokens_per_s']:9.0f} tok/s  MFU {mfu:>6s}  peak {mem:>9s}  "
           f"at start {r.get('allocated_at_start_gib') or 0:.1f} GiB  "
           f"{r['attention']}, ckpt {'on' if r['checkpointing'] else 'off'}, {r['micro_batch_rows']}x{r['accumulation']}"
-          f"  losses {losses}" + (f"  packed Δ {r['packed_max_rel']:.1e}" if "packed_max_rel" in r else ""))
+          f"  losses {losses}" + (f"  packed Δ {r['packed_max_rel']:.1e}" if "packed_max_rel" in r else "")
+          + (f"  {CompileWatch.note(r.get('compile'))}" if CompileWatch.note(r.get("compile")) else ""))
 
 
 def finish(report: dict) -> None:
@@ -494,7 +501,8 @@ def markdown(report: dict) -> list[str]:
                      f"{fmt(r.get('mfu_frozen') and 100 * r['mfu_frozen'], '{:.1f}%')} | {fmt(r.get('peak_gib'), '{:.1f}')} | "
                      f"{fmt(r.get('ratio_to_seed_trainer'), '{:.2f}')} | "
                      f"{', '.join(f'{x:.3f}' for x in r['losses'][:3])} | "
-                     f"{fmt(r.get('packed_max_rel'), '{:.1e}')} | {r.get('error', '')[:120]} |")
+                     f"{fmt(r.get('packed_max_rel'), '{:.1e}')} | "
+                     f"{'; '.join(filter(None, [CompileWatch.note(r.get('compile')), r.get('error', '')[:120]]))} |")
     return lines + [""]
 
 

@@ -113,3 +113,32 @@ def test_a_benchmark_s_scratch_folder_goes_when_its_process_ends(tmp_path):
     assert proc.returncode == 0, proc.stderr
     made = proc.stdout.strip().splitlines()[-1]
     assert made and not os.path.exists(made)
+
+
+def test_the_compile_watch_sees_graphs_breaks_and_a_recompile_limit_hit():
+    """fit_speed's compiled arms must say when dynamo gave up: a frame recompiled past its limit runs eager from then
+    on, with one log line (the watch reads it: a torch that words it otherwise fails here, not silently on a GPU)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from compile_watch import CompileWatch
+
+    def layer(x, n):
+        return x * n + 1
+
+    def broken(x):
+        y = x.sin()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="eager", dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=2, automatic_dynamic_shapes=False), CompileWatch() as watch:
+        for n in range(4):  # a new constant each call: a recompile each time, eager after the second
+            compiled(torch.ones(3), n)
+        torch.compile(broken, backend="eager")(torch.ones(3))
+    report = watch.report()
+    assert report["graphs"] >= 3 and report["graph_breaks"] >= 1, report
+    assert report["recompile_limit_hits"] and "recompile_limit" in report["recompile_limit_hits"][0], report
+    assert "RECOMPILE LIMIT HIT" in CompileWatch.note({"compiled": True, **report})
+    assert CompileWatch.note({"compiled": False, **report}) == ""
