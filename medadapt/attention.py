@@ -119,19 +119,25 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
-    if q.is_cuda:
+    if kernel_runs(q):
         out = _cuda_varlen(q, k, v, cu_seq_lens_q, int(max_length_q), scaling, heads // kv_heads)
     else:
         out = _segments_sdpa(q, k, v, cu_seq_lens_q, scaling, heads // kv_heads)
     return out.view(batch, length, heads, dim), None
 
 
+def kernel_runs(q: torch.Tensor) -> bool:
+    """Whether torch's varlen kernel runs on ``q``'s device (CUDA; a CPU test registers a kernel of its own)."""
+    return q.is_cuda
+
+
 def _cuda_varlen(q, k, v, cu, max_len: int, scale, groups: int) -> torch.Tensor:
     """torch's flash varlen kernel in the autocast dtype (flash runs in fp16/bf16 only; k-bit preparation
-    leaves the residual stream in float32), across the signature change of torch 2.10 → 2.11."""
+    leaves the residual stream in float32), its output back in the input's dtype (a float32 run without autocast
+    feeds it to a float32 o_proj), across the signature change of torch 2.10 → 2.11."""
     kernel = torch_varlen()
     params = inspect.signature(kernel).parameters
-    dtype = q.dtype
+    dtype = given = q.dtype
     if dtype == torch.float32:
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -143,7 +149,7 @@ def _cuda_varlen(q, k, v, cu, max_len: int, scale, groups: int) -> torch.Tensor:
         else:  # older signatures take equal head counts
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     cu = cu.to(device=q.device, dtype=torch.int32)
-    return kernel(q, k, v, cu, cu, max_len, max_len, **kw)
+    return kernel(q, k, v, cu, cu, max_len, max_len, **kw).to(given)
 
 
 def _segments_sdpa(q, k, v, cu, scale, groups: int) -> torch.Tensor:

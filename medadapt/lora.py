@@ -27,7 +27,6 @@ forward throughout. Equal to PEFT's at dropout 0 to fp32 rounding (``tests/test_
 from __future__ import annotations
 
 import types
-import weakref
 from typing import Optional
 
 import torch
@@ -59,21 +58,24 @@ def drop(x: torch.Tensor, dropout: torch.nn.Dropout) -> torch.Tensor:
 
 
 class DropoutGroup:
-    """The dropped input of a group of sibling projections, kept from the first member's call until every member
-    has taken it (then released: nothing outlives the forward that made it)."""
+    """The dropped input of a group of sibling projections, drawn by the first member to see the input and left on the
+    input tensor itself until every member has taken it (then released).
+
+    The dropped copy lives on the input (an attribute), not here: its life is the forward's, and a compiled,
+    checkpointed layer traces it as a value of its own region (dynamo refuses to mutate state from outside
+    ``torch.utils.checkpoint``'s region: kept here, it broke the graph and left checkpointed layers eager)."""
 
     def __init__(self, members: set[str]):
-        self.members, self.source, self.dropped, self.waiting = frozenset(members), None, None, set()
+        self.members = frozenset(members)
+        self.key = "_medadapt_dropped_" + "_".join(sorted(members))
 
     def take(self, name: str, x: torch.Tensor, dropout: torch.nn.Module) -> torch.Tensor:
-        if self.source is not None and self.source() is x and name in self.waiting:
-            self.waiting.discard(name)
-            dropped = self.dropped
+        state = getattr(x, self.key, None)
+        if state is not None and name in state[1]:
+            dropped, waiting = state[0], state[1] - {name}
         else:  # the first member to see this input draws the mask
-            dropped = drop(x, dropout)
-            self.source, self.dropped, self.waiting = weakref.ref(x), dropped, set(self.members - {name})
-        if not self.waiting:
-            self.source, self.dropped = None, None
+            dropped, waiting = drop(x, dropout), self.members - {name}
+        setattr(x, self.key, (dropped, waiting) if waiting else None)
         return dropped
 
 

@@ -190,10 +190,26 @@ def compile_wanted(setting: Union[bool, str]) -> bool:
     return bool(setting)
 
 
+#: dynamo's recompile limit once medadapt compiles layers (its default is 8): see ``compile_layers``
+RECOMPILE_LIMIT = 32
+
+
 def compile_layers(model) -> int:
     """Regional compilation: each decoder layer's forward compiled in place (``nn.Module.compile``), so one graph
     serves all of them (every layer has the same shapes) and the LoRA layers, the 4-bit matmuls and the attention
-    kernel are compiled where they run. Compilation happens at the first call."""
+    kernel are compiled where they run. Compilation happens at the first call.
+
+    Every layer runs one code object, whose compilations dynamo counts together: the first layer's input needs no
+    gradient where the others' do (unless checkpointing made it), each batch dimension that varies (tokens, segments)
+    recompiles once to a dynamic graph, validation runs without gradients or dropout, and the compile probe runs other
+    shapes: 7 graphs in the first steps of a CPU rehearsal without checkpointing (``tests/test_compile.py``), one
+    short of dynamo's default limit, past which it runs the layers eager for good. The limit is raised to
+    ``RECOMPILE_LIMIT`` (never lowered)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     layers = unwrapped(model).get_decoder().layers
     for layer in layers:
         layer.compile()
