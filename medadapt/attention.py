@@ -133,13 +133,15 @@ def kernel_runs(q: torch.Tensor) -> bool:
 
 def _cuda_varlen(q, k, v, cu, max_len: int, scale, groups: int) -> torch.Tensor:
     """torch's flash varlen kernel in the autocast dtype (flash runs in fp16/bf16 only; k-bit preparation
-    leaves the residual stream in float32), its output back in the input's dtype (a float32 run without autocast
-    feeds it to a float32 o_proj), across the signature change of torch 2.10 → 2.11."""
+    leaves the residual stream in float32), across the signature change of torch 2.10 → 2.11. Without autocast the
+    output goes back to the input's dtype (a float32 run's o_proj takes float32 only); under autocast it stays in
+    the kernel's, which o_proj reads as it is (no cast pass)."""
     kernel = torch_varlen()
     params = inspect.signature(kernel).parameters
+    autocast = torch.is_autocast_enabled(q.device.type)
     dtype = given = q.dtype
     if dtype == torch.float32:
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        dtype = torch.get_autocast_dtype(q.device.type) if autocast else torch.bfloat16
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     kw = {"scale": scale} if "scale" in params else {}
     kw.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
@@ -149,7 +151,8 @@ def _cuda_varlen(q, k, v, cu, max_len: int, scale, groups: int) -> torch.Tensor:
         else:  # older signatures take equal head counts
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     cu = cu.to(device=q.device, dtype=torch.int32)
-    return kernel(q, k, v, cu, cu, max_len, max_len, **kw).to(given)
+    out = kernel(q, k, v, cu, cu, max_len, max_len, **kw)
+    return out if autocast else out.to(given)
 
 
 def _segments_sdpa(q, k, v, cu, scale, groups: int) -> torch.Tensor:
