@@ -143,33 +143,40 @@ def first_steps(path, monkeypatch, *, compile_, kernel, checkpointing, dropout):
     return out, graphs, sum(counters["graph_break"].values())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
-def test_compiled_layers_run_the_cuda_varlen_path_without_breaks_or_endless_recompiles(tiny_qwen, monkeypatch,
-                                                                                       cpu_varlen_kernel, checkpointing):
-    """On CUDA, training attention is torch's flash varlen op inside each compiled layer, with the flattened batch's
-    boundaries and a Python-int longest segment. Run on CPU through the same code (a CPU kernel for the op) as fit
-    runs the first steps, with the recipe's LoRA dropout (masks shared by sibling projections), checkpointing on or
-    off: no graph break (one inside checkpointing's region had left every checkpointed layer eager), and
-    compilations that stop once the varying dimensions are dynamic, well inside dynamo's recompile limit (past it,
-    the layers run eager for good)."""
+def compiled_like_fit(graphs: list[int], breaks: int) -> None:
+    """No graph break, and compilations that stopped once the varying dimensions went dynamic, well inside the
+    recompile limit (past it, dynamo runs the layers eager for good)."""
     from medadapt.model import RECOMPILE_LIMIT
 
-    _, graphs, breaks = first_steps(tiny_qwen, monkeypatch, compile_=True, kernel=True, checkpointing=checkpointing,
-                                    dropout=0.05)
     assert breaks == 0, f"{breaks} graph breaks"
     assert len(set(graphs[-3:])) == 1 and graphs[-1] <= RECOMPILE_LIMIT // 4, graphs  # stopped, with room
 
 
 @pytest.mark.slow
+def test_compiled_checkpointed_layers_with_shared_dropout_masks_run_the_cuda_varlen_path_whole(tiny_qwen, monkeypatch,
+                                                                                                cpu_varlen_kernel):
+    """On CUDA, training attention is torch's flash varlen op inside each compiled layer, with the flattened batch's
+    boundaries and a Python-int longest segment. Run on CPU through the same code (a CPU kernel for the op) as fit
+    runs the first steps, with checkpointing and the recipe's LoRA dropout (masks shared by sibling projections):
+    the shared masks had mutated state outside checkpointing's region, a graph break that left every checkpointed
+    layer eager."""
+    _, graphs, breaks = first_steps(tiny_qwen, monkeypatch, compile_=True, kernel=True, checkpointing=True,
+                                    dropout=0.05)
+    compiled_like_fit(graphs, breaks)
+
+
+@pytest.mark.slow
 def test_the_cuda_varlen_path_compiled_gives_the_eager_and_sdpa_loss_and_gradients(tiny_qwen, monkeypatch,
                                                                                    cpu_varlen_kernel):
-    """The same first steps (dropout 0: inductor draws its own masks): compiled = eager on the kernel path, and the
-    kernel path = the sdpa path (the glue: layout, boundaries, GQA; attention in bf16, as flash runs it)."""
-    runs = [first_steps(tiny_qwen, monkeypatch, compile_=compile_, kernel=kernel, checkpointing=False, dropout=0.0)[0]
-            for compile_, kernel in ((False, False), (False, True), (True, True))]
+    """The same first steps without checkpointing (layer 0's input then needs no gradient: its own graphs; dropout 0,
+    as inductor draws its own masks): compiled as fit compiles, compiled = eager on the kernel path, and the kernel
+    path = the sdpa path (the glue: layout, boundaries, GQA; attention in bf16, as flash runs it)."""
+    sdpa, eager, (compiled, graphs, breaks) = (
+        first_steps(tiny_qwen, monkeypatch, compile_=compile_, kernel=kernel, checkpointing=False, dropout=0.0)
+        for compile_, kernel in ((False, False), (False, True), (True, True)))
+    compiled_like_fit(graphs, breaks)
     tolerance = 4 * 2**-8  # flash kernels have no float32: the kernel path runs attention in bf16
-    for (l0, g0), (l1, g1), (l2, g2) in zip(*runs):
+    for (l0, g0), (l1, g1), (l2, g2) in zip(sdpa[0], eager[0], compiled):
         assert_close_to_scale(l1, l0, rtol=tolerance)
         assert_gradients_close(g1, g0, rtol=tolerance)
         assert_close_to_scale(l2, l1, rtol=tolerance)
