@@ -247,23 +247,30 @@ def seed_configs(model_dir: str, cuda: bool):
     return model, LoraConfig(r=16, alpha=32, dropout=0.05, target_modules="all-linear", fused=False)
 
 
+def seed_examples(sft_file: str, tokenizer, max_length: int, truncate: bool) -> list[dict]:
+    """The SFT rows as the seed trains them: one tokenized example each (chat template, assistant-only labels), no
+    packing (step_traffic prices the seed's padding from the same examples)."""
+    from medadapt.data.reasoning import ReasoningSFTDataModule
+
+    data = ReasoningSFTDataModule(data_files=sft_file, max_rows=None, val_fraction=0.0, pack=False,
+                                  max_length=max_length, truncate=truncate)
+    data.connect(tokenizer)
+    data.setup("fit")
+    return [row[0] for row in data.train_rows.rows]
+
+
 def seed_trainer_arm(ctx: dict) -> dict:
     """transformers.Trainer with the seed's TrainingArguments, padded micro-batches of 2, on the seed's 4-bit LoRA
     model (``seed_configs``; the seed ran fp16 on a P100: compute dtype float16 with the fp16 grad scaler)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from medadapt.data.reasoning import ReasoningSFTDataModule
     from medadapt.model import load_model
     from medadapt.model_config import load_tokenizer
 
     cuda = torch.cuda.is_available()
     cfg, lora = seed_configs(ctx["model_dir"], cuda)
     tok = load_tokenizer(cfg)
-    data = ReasoningSFTDataModule(data_files=ctx["sft"], max_rows=None, val_fraction=0.0, pack=False,
-                                  max_length=ctx["seq"], truncate=ctx["truncate"])
-    data.connect(tok)
-    data.setup("fit")
-    examples = [row[0] for row in data.train_rows.rows]
+    examples = seed_examples(ctx["sft"], tok, ctx["seq"], ctx["truncate"])
     torch.manual_seed(4242)
     model = load_model(cfg, lora, training=True)
     tokens: list[int] = []  # per micro-batch, in the order the collator made them
@@ -458,11 +465,12 @@ def summarize_arm(name: str, r: dict, report: dict) -> None:
     mfu = (f"{100 * r['mfu']:.1f}% ({100 * r['mfu_frozen']:.1f}% frozen)" if r["mfu"] is not None else "n/a")
     mem = f"{r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else "n/a"
     losses = ", ".join(f"{x:.3f}" for x in r["losses"][:3])
+    compiled = CompileWatch.note(r.get("compile"))
     print(f"  {name:18s} {r['tokens_per_s']:9.0f} tok/s  MFU {mfu:>6s}  peak {mem:>9s}  "
           f"at start {r.get('allocated_at_start_gib') or 0:.1f} GiB  "
           f"{r['attention']}, ckpt {'on' if r['checkpointing'] else 'off'}, {r['micro_batch_rows']}x{r['accumulation']}"
           f"  losses {losses}" + (f"  packed Δ {r['packed_max_rel']:.1e}" if "packed_max_rel" in r else "")
-          + (f"  {CompileWatch.note(r.get('compile'))}" if CompileWatch.note(r.get("compile")) else ""))
+          + (f"  {compiled}" if compiled else ""))
 
 
 def finish(report: dict) -> None:

@@ -136,17 +136,15 @@ def seed_model(model_dir: str):
 
 
 def seed_padding(model_dir: str, sft_file: str, max_length: int = 2048) -> float:
-    """Positions per real token in the seed's batches: two examples of the SFT sample (as the R1 tokenizer and the
-    chat template make them, what fit_speed's seed arm trains on) padded to the longer, averaged over every pair
-    (its sampler shuffles, so any two can meet). Every padded position runs through every layer and the head."""
-    from medadapt.data.reasoning import ReasoningSFTDataModule
+    """Positions per real token in the seed's batches: two examples of the SFT sample (fit_speed's ``seed_examples``,
+    what its seed arm trains on) padded to the longer, averaged over every pair (its sampler shuffles, so any two can
+    meet). Every padded position runs through every layer and the head."""
+    from fit_speed import seed_examples
+
     from medadapt.model_config import ModelConfig, load_tokenizer
 
-    data = ReasoningSFTDataModule(data_files=sft_file, max_rows=None, val_fraction=0.0, pack=False,
-                                  max_length=max_length)
-    data.connect(load_tokenizer(ModelConfig(name_or_path=model_dir)))
-    data.setup("fit")
-    return pair_padding([len(row[0]["input_ids"]) for row in data.train_rows.rows])
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=model_dir))
+    return pair_padding([len(ex["input_ids"]) for ex in seed_examples(sft_file, tokenizer, max_length, False)])
 
 
 def pair_padding(lengths: list[int]) -> float:

@@ -59,16 +59,6 @@ def test_auto_is_off_on_cpu_and_a_failing_compile_falls_back_to_eager(tiny_qwen,
     assert torch.isfinite(loss)
 
 
-def segments_attention(q, k, v, cu):
-    """Causal attention within each segment of (T, H, D) tensors (GQA by repetition): the reference kernel."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    bounds = cu.tolist()
-    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        *(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True).transpose(0, 1)
-        for s, e in zip(bounds[:-1], bounds[1:]) if e > s])
-
-
 @pytest.fixture(scope="module")
 def cpu_varlen_kernel():
     register_cpu_varlen_kernel()
@@ -81,8 +71,10 @@ def register_cpu_varlen_kernel():
 
     def forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None, window_size=None,
                 enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
-        assert is_causal and scale is None or scale == query.shape[-1] ** -0.5
-        out = segments_attention(query, key, value, cu_seq_q)
+        from medadapt.attention import _segments_sdpa  # the CPU path's own segment attention: the glue is compared
+
+        assert is_causal and (scale is None or scale == query.shape[-1] ** -0.5)
+        out = _segments_sdpa(query, key, value, cu_seq_q, scale, query.shape[1] // key.shape[1])
         return out, torch.zeros(query.shape[1], query.shape[0]), torch.zeros(2, dtype=torch.uint64)
 
     def backward(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, rng_state, scale,
