@@ -180,7 +180,7 @@ def medadapt_arm(ctx: dict, overrides: list[str], attention: str | None) -> dict
     """configs/sft.yaml through medadapt's CLI parser, ``overrides`` on top, fit for warm-up + timed steps."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from medadapt.cli import build_cli
+    from medadapt.lightning_cli import build_cli
     from medadapt.model import is_compiled
 
     work = Path(tempfile.mkdtemp(dir=ctx["tmp"]))

@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from medadapt.cli import build_cli
+    from medadapt.lightning_cli import build_cli
 
     work = scratch_dir("rl_step-")
     config = REPO / "configs" / ("rl.yaml" if args.full else "demo" / Path("rl.yaml"))

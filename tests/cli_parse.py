@@ -3,7 +3,7 @@ what the tests of shipped configs and of the benchmark's arms use."""
 
 from __future__ import annotations
 
-from medadapt.cli import MedAdaptCLI
+from medadapt.lightning_cli import MedAdaptCLI
 
 
 class ParseOnly(MedAdaptCLI):

@@ -212,6 +212,27 @@ def test_one_table_lists_every_command_and_each_documents_its_keys(capsys):
         assert "--config" in text and "--print_config" in text, name
 
 
+def test_commands_that_do_not_train_start_without_lightning():
+    """Importing Lightning takes ~6 s (torchmetrics, scipy, dynamo): only fit/validate/test pay it. The command
+    table, the other commands' ``--help`` and the study and multistep runners (a process per stage, each of which
+    imports what it needs) start without it. One fresh process runs them in turn, ``test --help`` last to show
+    the check sees Lightning when it is there."""
+    from medadapt.cli import COMMANDS
+
+    runs = [["--help"], *[[name, "--help"] for name, (target, _) in COMMANDS.items() if target != "lightning"],
+            ["test", "--help"]]
+    code = ("import json, sys\nfrom medadapt.cli import main\nseen = []\n"
+            f"for argv in {runs!r}:\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "    seen.append('lightning' in sys.modules)\n"
+            "print(json.dumps(seen))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert dict(zip(map(tuple, runs), seen)) == {tuple(argv): argv[0] == "test" for argv in runs}
+
+
 def test_print_config_round_trips_for_a_non_lightning_command(tmp_path, capsys):
     from medadapt.cli import main
 

@@ -34,6 +34,7 @@ LAYERS = {
     "medadapt.module": 5,
     "medadapt.rl": 6,
     "medadapt.commands": 7,
+    "medadapt.lightning_cli": 8,
     "medadapt.cli": 8,
     "medadapt.__main__": 9,
 }

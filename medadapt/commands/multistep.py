@@ -72,7 +72,7 @@ def stage_config(stage: Stage, stage_dir: Path, previous: Optional[dict]) -> dic
     ``previous`` is the previous stage's config as this runner wrote it.
     """
     cfg = read_yaml(stage.config, f"stage {stage.name!r} config")
-    cfg["run_dir"] = str(stage_dir)  # fit puts its checkpoints (last.ckpt) and adapter there (cli.py)
+    cfg["run_dir"] = str(stage_dir)  # fit puts its checkpoints (last.ckpt) and adapter there (lightning_cli.py)
     trainer = cfg.setdefault("trainer", {})
     logger = trainer.get("logger", {"class_path": "lightning.pytorch.loggers.TensorBoardLogger"})
     if isinstance(logger, dict):  # a configured logger: its run is named <work_dir name>-<stage>

@@ -57,14 +57,15 @@ def index_main(argv: list[str]) -> None:
 
 
 def ask_main(argv: list[str]) -> None:
+    parser = build_parser("ask")
+    init = parser.instantiate_classes(parser.parse_args(argv))  # --help and a bad option answer before the imports
+
     import torch
 
     from medadapt.module import load_for_inference
     from medadapt.rag.context import format_context, snippet_text
     from medadapt.rag.pipelines import HybridRetriever
 
-    parser = build_parser("ask")
-    init = parser.instantiate_classes(parser.parse_args(argv))
     docs = HybridRetriever(init.index, init.retrieval).retrieve(init.question)
     module = load_for_inference(init.model, init.lora, init.init_adapter, init.ckpt_path)
     tok, model = module.tokenizer, module.model
