@@ -20,8 +20,9 @@ def share_the_cores() -> None:
     """Under pytest-xdist (``scripts/test.sh`` runs 2 workers) each worker computes with its share of the cores, and
     so do the processes its tests start (fits, DDP ranks, CLI runs): two workers each running torch on every core
     would oversubscribe them. An explicit ``OMP_NUM_THREADS`` is kept. Much of the suite is single-threaded (imports,
-    tokenizing, subprocess start-up), so two workers at one thread each finish the 2-core suite ~1.4× sooner than one
-    at two threads; ``scripts/test.sh -n 0`` runs it serially at every core (numerics at 2 threads)."""
+    tokenizing, subprocess start-up), so two workers at one thread each, slow tests first, finish the 2-core suite
+    ~1.8× sooner than one at two threads (12:03 vs 21:59 on a 2-core EPYC); ``scripts/test.sh -n 0`` runs it
+    serially at every core (numerics at 2 threads)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
     if workers > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
